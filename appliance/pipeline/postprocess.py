@@ -1,0 +1,76 @@
+"""Clean-up of the model labels on the scan grid: one component per lobe, holes, opacity in lung."""
+
+from __future__ import annotations
+
+import cc3d
+import numpy as np
+from appliance.pipeline.geometry import bounding_box
+from scipy import ndimage
+
+
+def clean_lobes(lobes: np.ndarray, min_hole_fill_voxels: int = 1) -> np.ndarray:
+    """Keep the largest connected piece of each lobe, then give enclosed holes of the lung the
+    most common lobe label around them. Works inside the lung bounding box for speed."""
+    box = bounding_box(lobes > 0, margin=(1, 1, 1))
+    if box is None:
+        return lobes
+    out = lobes.copy()
+    sub = out[box]
+    comp, n = cc3d.connected_components(sub, connectivity=26, return_N=True)
+    if n:
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)
+        # label of each component = the lobe label of any of its voxels
+        comp_label = np.zeros(n + 1, dtype=np.uint8)
+        comp_label[comp.ravel()] = sub.ravel()
+        keep = np.zeros(n + 1, dtype=bool)
+        for lab in np.unique(comp_label[1:]):
+            ids = np.flatnonzero(comp_label == lab)
+            ids = ids[ids > 0]
+            if ids.size:
+                keep[ids[np.argmax(sizes[ids])]] = True
+        sub[~keep[comp]] = 0
+    _fill_holes(sub, min_hole_fill_voxels)
+    return out
+
+
+def _fill_holes(sub: np.ndarray, min_voxels: int) -> None:
+    """In place: background pockets enclosed by lung take the majority label of their rim."""
+    background = sub == 0
+    holes, n = cc3d.connected_components(background.astype(np.uint8), connectivity=6, return_N=True)
+    if n <= 1:
+        return
+    border_ids = np.unique(np.concatenate([
+        holes[0].ravel(), holes[-1].ravel(), holes[:, 0].ravel(), holes[:, -1].ravel(),
+        holes[:, :, 0].ravel(), holes[:, :, -1].ravel(),
+    ]))
+    enclosed = np.setdiff1d(np.arange(1, n + 1), border_ids)
+    if enclosed.size == 0:
+        return
+    slices = ndimage.find_objects(holes)
+    for hid in enclosed:
+        sl = slices[hid - 1]
+        if sl is None:
+            continue
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        region = holes[grown] == hid
+        if region.sum() < min_voxels:
+            continue
+        rim = ndimage.binary_dilation(region) & ~region
+        labels = sub[grown][rim]
+        labels = labels[labels > 0]
+        if labels.size:
+            sub[grown][region] = np.bincount(labels).argmax()
+
+
+def clean_opacity(opacity: np.ndarray, lobes: np.ndarray, min_voxels: int = 0) -> np.ndarray:
+    """Opacity exists only inside the lungs; optionally drop specks smaller than `min_voxels`."""
+    out = np.where(lobes > 0, opacity, 0).astype(np.uint8)
+    if min_voxels > 1 and out.any():
+        box = bounding_box(out > 0)
+        sub = out[box]
+        comp = cc3d.connected_components(sub > 0, connectivity=26)
+        sizes = np.bincount(comp.ravel())
+        small = sizes < min_voxels
+        small[0] = False
+        sub[small[comp]] = 0
+    return out

@@ -1,0 +1,102 @@
+"""Quantification exactly as the result contract in DESIGN.md: volumes, PLO, severity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from appliance.labels import LEFT_LOBES, RIGHT_LOBES, Lobe, Opacity
+
+REGIONS = ("whole", "right", "left", "RUL", "RML", "RLL", "LUL", "LLL")
+SEVERITY_BOUNDS = ((5.0, True), (25.0, False), (50.0, True), (75.0, False))
+"""Pan et al. bands above the involvement minimum: (upper bound, bound belongs to the lower band)."""
+
+
+def lobe_severity(plo_pct: float | None, involvement_min_pct: float = 0.1) -> int:
+    """Pan et al. (Radiology 2020) lobe score: 0 below the involvement minimum, 1 below 5%,
+    2 for 5-25% inclusive, 3 above 25 and below 50, 4 for 50-75% inclusive, 5 above 75."""
+    if plo_pct is None or plo_pct < involvement_min_pct:
+        return 0
+    if plo_pct < 5.0:
+        return 1
+    if plo_pct <= 25.0:
+        return 2
+    if plo_pct < 50.0:
+        return 3
+    if plo_pct <= 75.0:
+        return 4
+    return 5
+
+
+def _region_fields(
+    lung_n: int, ggo_n: int, cons_n: int, hu_sum: float | None, voxel_ml: float
+) -> dict[str, float | None]:
+    lung_ml = lung_n * voxel_ml
+    ggo_ml = ggo_n * voxel_ml
+    cons_ml = cons_n * voxel_ml
+    opacity_ml = ggo_ml + cons_ml
+
+    def pct(part: float) -> float | None:
+        return 100.0 * part / lung_ml if lung_ml > 0 else None
+
+    mean_hu = hu_sum / lung_n if (hu_sum is not None and lung_n > 0) else None
+    return {
+        "lung_ml": lung_ml,
+        "opacity_ml": opacity_ml,
+        "ggo_ml": ggo_ml,
+        "consolidation_ml": cons_ml,
+        "plo_pct": pct(opacity_ml),
+        "ggo_pct": pct(ggo_ml),
+        "consolidation_pct": pct(cons_ml),
+        "mean_lung_hu": mean_hu,
+    }
+
+
+def quantify(
+    lobes: np.ndarray,
+    opacity: np.ndarray,
+    voxel_ml: float,
+    hu: np.ndarray | None = None,
+    involvement_min_pct: float = 0.1,
+) -> dict:
+    """Per lobe, per side and whole lung figures plus the CT severity score (0-25).
+
+    `lobes` holds labels 0-5, `opacity` 0-2; opacity outside the lobes is ignored (opacity exists
+    only inside the lungs). Volumes are voxel counts times `voxel_ml`.
+    """
+    if lobes.shape != opacity.shape:
+        raise ValueError(f"`opacity` must have the shape of `lobes` {lobes.shape}, got {opacity.shape}")
+    if hu is not None and hu.shape != lobes.shape:
+        raise ValueError(f"`hu` must have the shape of `lobes` {lobes.shape}, got {hu.shape}")
+    if not (voxel_ml > 0 and math.isfinite(voxel_ml)):
+        raise ValueError(f"`voxel_ml` must be a positive number, got {voxel_ml}")
+    lob = lobes.ravel()
+    opa = opacity.ravel()
+    if lob.max(initial=0) > max(Lobe) or opa.max(initial=0) > max(Opacity):
+        raise ValueError("`lobes` must hold labels 0-5 and `opacity` labels 0-2")
+    # One pass over the voxels: counts per (lobe, opacity) pair.
+    pair = lob.astype(np.int64) * 3 + opa.astype(np.int64)
+    counts = np.bincount(pair, minlength=18).reshape(6, 3)
+    hu_sums = None
+    if hu is not None:
+        hu_sums = np.bincount(lob, weights=hu.ravel().astype(np.float64), minlength=6)
+
+    def fields(labels: tuple[int, ...]) -> dict:
+        idx = list(labels)
+        c = counts[idx].sum(axis=0)
+        hs = float(hu_sums[idx].sum()) if hu_sums is not None else None
+        return _region_fields(int(c.sum()), int(c[1]), int(c[2]), hs, voxel_ml)
+
+    regions: dict[str, dict] = {
+        "whole": fields(tuple(int(lb) for lb in Lobe)),
+        "right": fields(tuple(int(lb) for lb in RIGHT_LOBES)),
+        "left": fields(tuple(int(lb) for lb in LEFT_LOBES)),
+    }
+    score = 0
+    for lobe in Lobe:
+        r = fields((int(lobe),))
+        r["severity"] = lobe_severity(r["plo_pct"], involvement_min_pct)
+        score += r["severity"]
+        regions[lobe.name] = r
+    return {"regions": regions, "severity_score": score}

@@ -1,0 +1,110 @@
+"""The two model stages on a canonical volume: lungs + lobes over the chest, then opacity inside
+the lung box. Arrays in, labels on the scan grid out; the runner does the arithmetic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from appliance.pipeline.geometry import (
+    Grid,
+    bounding_box,
+    labels_from_probabilities,
+    make_grid,
+    resample_image,
+)
+from appliance.pipeline.tiling import plan_tiles, sliding_window
+
+from appliance.runtime.base import ModelSpec, Runner
+from appliance.volume import Volume
+
+BODY_HU = -500.0
+"""Voxels above this are body (or table); the lobe stage skips tiles without any."""
+LUNG_BOX_MARGIN_MM = 6.0
+"""Margin around the stage-1 lung when cropping for the opacity stage."""
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    labels: np.ndarray
+    """uint8 labels on the canonical scan grid."""
+    confidence: float | None
+    """Mean top-class probability over the voxels the stage labelled foreground."""
+    tiles: int
+    seconds: float
+
+
+def _probabilities(runner: Runner, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap the runner so blending works on probabilities, whatever the model outputs."""
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        out = runner.infer(batch)
+        if spec.output == "logits":
+            out = out - out.max(axis=1, keepdims=True)
+            np.exp(out, out=out)
+            out /= out.sum(axis=1, keepdims=True)
+        return out
+
+    return infer
+
+
+def _background_only(n_classes: int) -> np.ndarray:
+    fill = np.zeros(n_classes, dtype=np.float32)
+    fill[0] = 1.0
+    return fill
+
+
+def _run_stage(
+    image_hu: np.ndarray, grid: Grid, mask: np.ndarray | None, runner: Runner, spec: ModelSpec,
+    out_shape: tuple[int, int, int], batch_size: int, stage: str, progress: Progress | None,
+) -> StageResult:
+    start = time.perf_counter()
+    image = spec.normalize(image_hu)
+    n_tiles = len(plan_tiles(image.shape, spec.tile_shape, spec.overlap, mask=mask))
+    probs = sliding_window(
+        image, spec.tile_shape, spec.overlap, _probabilities(runner, spec), spec.n_classes,
+        batch_size=batch_size, mask=mask, blend="gaussian", pad_value=0.0,
+        progress=(lambda done, total: progress(stage, done, total)) if progress else None,
+        out_of_mask=_background_only(spec.n_classes),
+    )
+    top = probs.max(axis=0)
+    fg = probs.argmax(axis=0) > 0
+    confidence = float(top[fg].mean()) if fg.any() else None
+    labels = labels_from_probabilities(probs, grid, out_shape)
+    return StageResult(labels, confidence, n_tiles, time.perf_counter() - start)
+
+
+def segment_lobes(
+    volume: Volume, runner: Runner, spec: ModelSpec, *, batch_size: int = 1,
+    progress: Progress | None = None,
+) -> StageResult:
+    """Stage 1 over the body box of a canonical volume: labels 0-5 on the scan grid."""
+    hu = volume.array
+    step = 4
+    coarse_body = hu[::step, ::step, ::step] > BODY_HU
+    box = bounding_box(coarse_body, margin=(1, 1, 1))
+    if box is None:
+        return StageResult(np.zeros(hu.shape, np.uint8), None, 0, 0.0)
+    box = tuple(slice(s.start * step, min(s.stop * step, n)) for s, n in zip(box, hu.shape, strict=True))
+    grid = make_grid(box, volume.spacing, spec.spacing_mm)
+    image_hu = resample_image(hu, grid, order=1)
+    mask = image_hu > BODY_HU
+    return _run_stage(image_hu, grid, mask, runner, spec, hu.shape, batch_size, "lobes", progress)
+
+
+def segment_opacity(
+    volume: Volume, lung: np.ndarray, runner: Runner, spec: ModelSpec, *, batch_size: int = 1,
+    progress: Progress | None = None,
+) -> StageResult:
+    """Stage 2 inside the lung box, only on tiles that contain lung: labels 0-2 on the scan grid."""
+    margin = tuple(int(np.ceil(LUNG_BOX_MARGIN_MM / s)) for s in volume.spacing)
+    box = bounding_box(lung, margin=margin)  # type: ignore[arg-type]
+    if box is None:
+        return StageResult(np.zeros(lung.shape, np.uint8), None, 0, 0.0)
+    grid = make_grid(box, volume.spacing, spec.spacing_mm)
+    image_hu = resample_image(volume.array, grid, order=1)
+    mask = resample_image(lung.astype(np.float32), grid, order=1) > 0.25
+    return _run_stage(image_hu, grid, mask, runner, spec, lung.shape, batch_size, "opacity", progress)
