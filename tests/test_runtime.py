@@ -1,0 +1,87 @@
+"""Runtime Protocol and the ONNX Runtime backend on tiny real ONNX models."""
+
+import json
+
+import numpy as np
+import pytest
+
+from appliance.runtime import BackendUnavailable, load_manifest, open_runner, resolve_backend
+from appliance.runtime.base import ModelError
+from tests.onnx_models import write_models
+
+
+@pytest.fixture
+def models(tmp_path):
+    return write_models(tmp_path / "models")
+
+
+def test_manifest_and_inference(models):
+    specs = load_manifest(models)
+    spec = specs["lobes"]
+    assert spec.n_classes == 6 and spec.tile_shape == (32, 32, 32)
+    hu = np.full((2, 1, 32, 32, 32), 40.0, np.float32)
+    hu[1, :, :16] = -900.0  # second tile: air in the first half
+    with open_runner("onnxruntime", spec, threads=1) as runner:
+        out = runner.infer(spec.normalize(hu))
+        assert runner.describe() == {"name": "onnxruntime", "device": "cpu", "precision": "fp32"}
+    assert out.shape == (2, 6, 32, 32, 32) and out.dtype == np.float32
+    labels = out.argmax(axis=1)
+    assert (labels[0] == 0).all()
+    assert (labels[1, :16] == 1).all() and (labels[1, 16:] == 0).all()
+
+
+def test_infer_checks_the_batch(models):
+    spec = load_manifest(models)["opacity"]
+    with open_runner("onnxruntime", spec, threads=1) as runner:
+        with pytest.raises(TypeError, match="`batch` must be float32"):
+            runner.infer(np.zeros((1, 1, 16, 32, 32), np.float64))
+        with pytest.raises(ValueError, match=r"`batch` must have shape \(N, 1, 16, 32, 32\)"):
+            runner.infer(np.zeros((1, 1, 16, 32, 31), np.float32))
+
+
+def test_corrupt_model_file_is_a_one_line_error(models):
+    (models / "lobes.onnx").write_bytes(b"not a model")
+    spec = load_manifest(models)["lobes"]
+    with pytest.raises(ModelError, match="does not match the manifest's sha256"):
+        open_runner("onnxruntime", spec)
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["models"]["lobes"]["sha256"] = __import__("hashlib").sha256(b"not a model").hexdigest()
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        open_runner("onnxruntime", load_manifest(models)["lobes"])
+
+
+def test_wrong_output_channels_are_caught(models):
+    from tests.onnx_models import conv_model
+
+    import onnx
+    from tests.onnx_models import sha256
+
+    onnx.save(conv_model(np.ones(4), np.zeros(4), (32, 32, 32)), models / "lobes.onnx")
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["models"]["lobes"]["sha256"] = sha256(models / "lobes.onnx")
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    spec = load_manifest(models)["lobes"]
+    with open_runner("onnxruntime", spec, threads=1) as runner:
+        with pytest.raises(ModelError, match=r"returned shape \(1, 4, 32, 32, 32\), expected \(1, 6"):
+            runner.infer(np.zeros((1, 1, 32, 32, 32), np.float32))
+
+
+def test_manifest_problems(tmp_path, models):
+    with pytest.raises(ModelError, match="no model manifest"):
+        load_manifest(tmp_path / "empty")
+    manifest = json.loads((models / "manifest.json").read_text())
+    del manifest["models"]["opacity"]
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="has no 'opacity' model"):
+        load_manifest(models)
+
+
+def test_backend_selection_without_tensorrt():
+    assert resolve_backend("onnxruntime") == ("onnxruntime", None)
+    name, why = resolve_backend("auto")
+    assert name == "onnxruntime" and "TensorRT not used" in why
+    with pytest.raises(BackendUnavailable, match="backend tensorrt is unavailable: "):
+        resolve_backend("tensorrt")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        resolve_backend("cuda")
