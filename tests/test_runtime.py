@@ -52,10 +52,9 @@ def test_corrupt_model_file_is_a_one_line_error(models):
 
 
 def test_wrong_output_channels_are_caught(models):
-    from tests.onnx_models import conv_model
-
     import onnx
-    from tests.onnx_models import sha256
+
+    from tests.onnx_models import conv_model, sha256
 
     onnx.save(conv_model(np.ones(4), np.zeros(4), (32, 32, 32)), models / "lobes.onnx")
     manifest = json.loads((models / "manifest.json").read_text())
