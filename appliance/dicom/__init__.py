@@ -1,0 +1,1 @@
+"""DICOM input and output: series loading, the network services, and the result writers."""
