@@ -1,0 +1,237 @@
+"""Model accuracy: held-out phantoms, lesions inserted into a real normal scan, the real normal
+scan as it is, and the labelled COVID-19 / CAP scans. Prints JSON; writes overlay PNGs.
+
+    python benchmarks/evaluate.py [--phantoms 4] [--out out/eval] [--skip-real]
+
+Everything runs through `appliance.analysis.Analyzer` (the product's own path). Phantom seeds
+are >= 1_000_000 (never used in training). normal-normal001, covid-P001 and cap-cap001 were
+never trained on. Figures go into MODEL_CARD.md and notes, never into test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.analysis import Analyzer
+from appliance.config import load_config
+from appliance.dicom.series import SeriesInfo, load_series
+from appliance.labels import Lobe
+from appliance.pipeline import classical
+from appliance.pipeline.quantify import quantify
+from appliance.render import axial, coronal, montage
+from appliance.volume import Volume
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = ROOT.parent / "shared" / "data" / "real" / "covid-ct-md"
+EVAL_SEED_BASE = 1_000_000
+# Normal adult lobe volume fractions (% of total lung), from CT volumetry of healthy adults
+# (e.g. Tan et al./ Yamada et al.: RUL ~18-22, RML ~8-10, RLL ~25, LUL ~22-24, LLL ~22);
+# the ranges are widened for individual variation.
+NORMAL_LOBE_PCT = {"RUL": (12.0, 30.0), "RML": (4.0, 14.0), "RLL": (17.0, 35.0),
+                   "LUL": (15.0, 32.0), "LLL": (15.0, 32.0)}
+LABEL_LOBES = ("LLL", "LUL", "RLL", "RML", "RUL")
+INVOLVED_PLO = 0.5
+SLICE_INVOLVED_FRACTION = 0.005
+"""A slice counts as 'involved' when opacity covers more than this fraction of its lung area."""
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    s = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / s if s else None
+
+
+def info_for(name: str, shape) -> SeriesInfo:
+    """A SeriesInfo for arrays that did not come from DICOM (phantoms made in memory)."""
+    return SeriesInfo(
+        patient_id=name, patient_name=name, patient_sex=None, patient_age_years=None, patient_birth_date=None,
+        study_instance_uid=name, series_instance_uid=name, study_date=None, acquired_at=None, manufacturer=None,
+        kernel=None, kvp=None, slice_thickness_mm=None, series_description=None,
+        sop_instance_uids=tuple(f"{name}.{i}" for i in range(shape[0])), sop_class_uid="", files=(),
+    )
+
+
+def segmentation_scores(lobes_t, opac_t, lobes_p, opac_p, voxel_ml) -> dict:
+    qt = quantify(lobes_t, opac_t, voxel_ml)["regions"]
+    qp = quantify(lobes_p, opac_p, voxel_ml)["regions"]
+    lung_t, lung_p = lobes_t > 0, lobes_p > 0
+    scores = {
+        "lung_dice": dice(lung_t, lung_p),
+        "lobe_dice": {lb.name: dice(lobes_t == lb, lobes_p == lb) for lb in Lobe},
+        "opacity_dice": dice(opac_t > 0, opac_p > 0),
+        "ggo_dice": dice(opac_t == 1, opac_p == 1),
+        "consolidation_dice": dice(opac_t == 2, opac_p == 2),
+        "plo_true": {r: qt[r]["plo_pct"] for r in qt},
+        "plo_pred": {r: qp[r]["plo_pct"] for r in qp},
+    }
+    scores["plo_abs_error"] = {
+        r: (abs(qp[r]["plo_pct"] - qt[r]["plo_pct"]) if qp[r]["plo_pct"] is not None and qt[r]["plo_pct"] is not None
+            else None) for r in qt
+    }
+    vals = [v for v in scores["lobe_dice"].values() if v is not None]
+    scores["mean_lobe_dice"] = float(np.mean(vals)) if vals else None
+    return scores
+
+
+def save_overlays(out: Path, name: str, volume: Volume, lobes, opacity, extra_title: str = "") -> list[str]:
+    hu = volume.array
+    paths = []
+    k_best = int(np.argmax((opacity > 0).sum(axis=(1, 2)))) if opacity.any() else None
+    panels = [axial(hu, lobes, opacity), axial(hu, lobes, opacity, k=k_best) if k_best is not None else axial(hu),
+              coronal(hu, lobes, opacity, spacing=volume.spacing)]
+    titles = [f"{name} axial (most lung)", f"axial (most opacity){extra_title}", "coronal"]
+    path = out / f"{name}.png"
+    montage(panels, titles).save(path)
+    paths.append(str(path))
+    return paths
+
+
+def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
+    from appliance.phantom import synthesize
+
+    severities = ("none", "moderate", "severe", "critical")
+    cases = []
+    for i in range(n):
+        seed, sev = EVAL_SEED_BASE + i, severities[i % len(severities)]
+        p = synthesize(seed, sev, spacing=(2.0, 0.7, 0.7), shape=(170, 512, 512))
+        vol = Volume(p.hu, p.spacing)
+        a = analyzer.analyze_volume(vol, info_for(f"phantom{seed}", p.hu.shape))
+        s = segmentation_scores(p.lobes, p.opacity, a.lobes, a.opacity, vol.voxel_ml)
+        s.update(seed=seed, severity=sev, seconds=a.result["timings_s"]["total"], qa=a.result["qa"]["flags"])
+        cases.append(s)
+        save_overlays(out, f"phantom{seed}-{sev}", vol, a.lobes, a.opacity)
+    def mean(key, sub=None):
+        vals = [c[key][sub] if sub else c[key] for c in cases]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+    lobe_err = [c["plo_abs_error"][lb.name] for c in cases for lb in Lobe if c["plo_abs_error"][lb.name] is not None]
+    return {
+        "cases": cases,
+        "mean_lung_dice": mean("lung_dice"),
+        "mean_lobe_dice": mean("mean_lobe_dice"),
+        "mean_opacity_dice": mean("opacity_dice"),
+        "max_whole_plo_abs_error": max(c["plo_abs_error"]["whole"] for c in cases),
+        "max_lobe_plo_abs_error": max(lobe_err) if lobe_err else None,
+    }
+
+
+def eval_inserted(analyzer: Analyzer, out: Path) -> dict:
+    from appliance.lesions import insert_lesions
+
+    volume, info = load_series(REAL / "normal-normal001")
+    lung = classical.lung_mask(volume.array, volume.spacing)
+    res = {}
+    for sev, seed in (("moderate", EVAL_SEED_BASE + 101), ("severe", EVAL_SEED_BASE + 102)):
+        hu, mask = insert_lesions(volume.array, lung, volume.spacing, seed=seed, severity=sev)
+        vol = Volume(hu.astype(volume.array.dtype), volume.spacing, volume.origin, volume.direction)
+        a = analyzer.analyze_volume(vol, info)
+        lung_ref = lung | (mask > 0)
+        plo_true = 100.0 * float((mask > 0).sum()) / float(lung_ref.sum())
+        res[sev] = {
+            "opacity_dice": dice(mask > 0, a.opacity > 0),
+            "plo_true": plo_true,
+            "plo_pred": a.result["regions"]["whole"]["plo_pct"],
+            "plo_abs_error": abs(a.result["regions"]["whole"]["plo_pct"] - plo_true),
+            "lung_dice_vs_classical": dice(lung_ref, a.lobes > 0),
+        }
+        save_overlays(out, f"normal001-inserted-{sev}", vol, a.lobes, a.opacity)
+    return res
+
+
+def eval_normal(analyzer: Analyzer, out: Path) -> dict:
+    a = analyzer.analyze(REAL / "normal-normal001")
+    lung = classical.lung_mask(a.volume.array, a.volume.spacing)
+    r = a.result["regions"]
+    whole = r["whole"]["lung_ml"]
+    fractions = {lb.name: 100.0 * r[lb.name]["lung_ml"] / whole for lb in Lobe} if whole else {}
+    save_overlays(out, "normal001", a.volume, a.lobes, a.opacity)
+    return {
+        "lung_dice_vs_classical": dice(lung, a.lobes > 0),
+        "lung_ml": whole, "classical_lung_ml": float(lung.sum()) * a.volume.voxel_ml,
+        "lobe_fraction_pct": fractions,
+        "lobe_fraction_in_normal_range": {k: NORMAL_LOBE_PCT[k][0] <= v <= NORMAL_LOBE_PCT[k][1]
+                                          for k, v in fractions.items()},
+        "normal_ranges_pct": NORMAL_LOBE_PCT,
+        "whole_plo_pct": r["whole"]["plo_pct"],
+        "qa": a.result["qa"]["flags"],
+    }
+
+
+def sens_spec(truth: list[bool], pred: list[bool]) -> dict:
+    tp = sum(t and p for t, p in zip(truth, pred, strict=True))
+    tn = sum((not t) and (not p) for t, p in zip(truth, pred, strict=True))
+    pos, neg = sum(truth), len(truth) - sum(truth)
+    return {"sensitivity": tp / pos if pos else None, "specificity": tn / neg if neg else None,
+            "positives": pos, "negatives": neg}
+
+
+def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
+    a = analyzer.analyze(REAL / case)
+    rows = list(csv.DictReader(open(REAL / "labels" / f"{case}_labels.csv")))
+    by_file = {Path(f).name: i for i, f in enumerate(a.info.files)}
+    lung = a.lobes > 0
+    slice_truth, slice_pred, opacity_on_negative = [], [], []
+    lobe_truth = {lb: False for lb in LABEL_LOBES}
+    for row in rows:
+        k = by_file.get(row["file"])
+        if k is None:
+            continue
+        for lb in LABEL_LOBES:
+            lobe_truth[lb] |= row[lb] == "1"
+        area = int(lung[k].sum())
+        frac = float((a.opacity[k] > 0).sum()) / area if area else 0.0
+        slice_truth.append(row["infection"] == "1")
+        slice_pred.append(frac > SLICE_INVOLVED_FRACTION)
+        if row["infection"] != "1":
+            opacity_on_negative.append(frac)
+    r = a.result["regions"]
+    plo = {lb: r[lb]["plo_pct"] for lb in LABEL_LOBES}
+    labelled = [lb for lb in LABEL_LOBES if lobe_truth[lb]]
+    ranked = sorted(LABEL_LOBES, key=lambda lb: -(plo[lb] or 0.0))
+    save_overlays(out, case, a.volume, a.lobes, a.opacity)
+    return {
+        "lobe_plo_pct": plo, "whole_plo_pct": r["whole"]["plo_pct"],
+        "labelled_lobes": labelled,
+        "labelled_are_highest": set(ranked[: len(labelled)]) == set(labelled),
+        "every_labelled_above_0.5": all((plo[lb] or 0) > INVOLVED_PLO for lb in labelled),
+        "lobe_involvement": sens_spec([lobe_truth[lb] for lb in LABEL_LOBES],
+                                      [(plo[lb] or 0) > INVOLVED_PLO for lb in LABEL_LOBES]),
+        "slice_involvement": sens_spec(slice_truth, slice_pred),
+        "mean_opacity_fraction_on_negative_slices": (
+            float(np.mean(opacity_on_negative)) if opacity_on_negative else None),
+        "qa": a.result["qa"]["flags"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phantoms", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "eval")
+    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--models-dir", default="")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = load_config(env={"APPLIANCE_ANALYSIS__MODELS_DIR": args.models_dir} if args.models_dir else {})
+    start = time.time()
+    report: dict = {"benchmark": "evaluate", "machine": platform.platform()}
+    with Analyzer(config, backend="onnxruntime") as analyzer:
+        report["models"] = [s.as_result() for s in analyzer.specs.values()]
+        report["phantoms"] = eval_phantoms(analyzer, args.phantoms, args.out)
+        if not args.skip_real and REAL.exists():
+            report["inserted_normal001"] = eval_inserted(analyzer, args.out)
+            report["normal001"] = eval_normal(analyzer, args.out)
+            report["covid-P001"] = eval_labelled(analyzer, "covid-P001", args.out)
+            report["cap-cap001"] = eval_labelled(analyzer, "cap-cap001", args.out)
+    report["seconds"] = time.time() - start
+    (args.out / "evaluate.json").write_text(json.dumps(report, indent=2, default=float))
+    print(json.dumps(report, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
