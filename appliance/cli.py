@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="no dashboard: print the results table")
     p.add_argument("--workdir", metavar="DIR", help="keep the demo's files here (default: a temp dir)")
     p.set_defaults(func=cmd_demo)
+
+    from appliance import daemon_cli
+
+    daemon_cli.add_parsers(sub)
     return parser
 
 

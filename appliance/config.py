@@ -87,6 +87,121 @@ class SerialConfig:
     improve_change_pct: float = -20.0
 
 
+AE_TITLE_MAX = 16
+"""DICOM AE titles are at most 16 characters (PS3.5 VR AE)."""
+
+
+def _check_ae_title(where: str, value: str) -> None:
+    if not (0 < len(value.strip()) <= AE_TITLE_MAX) or "\\" in value or not value.isascii() \
+            or not value.isprintable():
+        raise ConfigError(f"`{where}` must be 1 to {AE_TITLE_MAX} printable ASCII characters "
+                          f"without a backslash, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """The DICOM receiver (C-STORE SCP, `appliance serve`)."""
+
+    ae_title: str = "APPLIANCE"
+    """Our AE title; associations called to another title are rejected."""
+    port: int = 11112
+    """TCP port of the SCP (0: an ephemeral port, for tests)."""
+    bind_address: str = ""
+    """Address to listen on; empty means every interface."""
+    allowed_calling_aets: tuple[str, ...] = ()
+    """Calling AE titles accepted; empty accepts any. When set, any other title is rejected."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Source IP addresses or networks (CIDR, e.g. 10.0.3.0/24) accepted; empty accepts any.
+    When set, associations from any other address are rejected."""
+    max_associations: int = 4
+    """Concurrent associations; more are rejected as 'local limit exceeded' (transient)."""
+    max_pdu: int = 65536
+    """Largest PDU we receive, in bytes (0: unlimited)."""
+    max_instance_mb: float = 256.0
+    """Instances larger than this are refused with 'out of resources' (0xA701)."""
+    min_free_mb: float = 512.0
+    """Refuse instances with 'out of resources' (0xA700) when the spool's file system has less
+    free space than this, so that the database and results can still be written."""
+    network_timeout_s: float = 60.0
+    """An idle association is aborted after this many seconds."""
+    dimse_timeout_s: float = 60.0
+    """Longest wait for the next DIMSE message within an association."""
+
+    def __post_init__(self) -> None:
+        _check_ae_title("dicom.ae_title", self.ae_title)
+        for title in self.allowed_calling_aets:
+            _check_ae_title("dicom.allowed_calling_aets", title)
+        import ipaddress
+
+        for host in self.allowed_hosts:
+            try:
+                ipaddress.ip_network(host.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(f"`dicom.allowed_hosts` must hold IP addresses or networks, "
+                                  f"got {host!r}") from None
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"`dicom.port` must be in 0..65535, got {self.port}")
+        if self.max_associations < 1:
+            raise ConfigError(f"`dicom.max_associations` must be >= 1, got {self.max_associations}")
+        if self.max_pdu != 0 and not 4096 <= self.max_pdu <= 2**32 - 1:
+            raise ConfigError(f"`dicom.max_pdu` must be 0 (unlimited) or 4096..2**32-1, "
+                              f"got {self.max_pdu}")
+        for name in ("max_instance_mb", "network_timeout_s", "dimse_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`dicom.{name}` must be > 0, got {getattr(self, name)}")
+        if self.min_free_mb < 0:
+            raise ConfigError(f"`dicom.min_free_mb` must be >= 0, got {self.min_free_mb}")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The daemon's supervisor, stabiliser and analysis workers (`appliance serve`)."""
+
+    stable_seconds: float = 5.0
+    """A series becomes a job when no instance of it has arrived for this long."""
+    release_settle_s: float = 1.0
+    """Or sooner: when the association that delivered its last instance was released and no
+    instance came for this long after (scanners that open one association per image)."""
+    workers: int = 1
+    """Analysis worker processes (each loads the models once)."""
+    max_attempts: int = 3
+    """A job whose worker dies, hangs or fails unexpectedly is retried until it has run this
+    many times; then it fails with the reason. Refused input (bad series) fails at once."""
+    job_timeout_s: float = 900.0
+    """A job running longer than this is taken as hung: its worker is killed and replaced."""
+    heartbeat_s: float = 2.0
+    """Period of the workers' heartbeat and of systemd's WATCHDOG=1; a worker silent for three
+    periods is taken as frozen and replaced."""
+    poll_s: float = 0.5
+    """How often idle workers and the stabiliser look for work."""
+    start_timeout_s: float = 120.0
+    """Longest wait for the SCP to listen and for a worker to load and warm up its models."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM the running job may finish within this; after it, the job is requeued (not
+    counted as an attempt) and its worker stopped."""
+    retention_days: float = 30.0
+    """Spool files and result files (masks, result.json) of series older than this are deleted
+    (the database keeps the results); 0 keeps them forever."""
+    max_disk_gb: float = 0.0
+    """When spool plus results exceed this, the oldest finished series are deleted first;
+    0 means no limit."""
+    retention_check_s: float = 300.0
+    """How often retention runs."""
+
+    def __post_init__(self) -> None:
+        for name in ("stable_seconds", "job_timeout_s", "heartbeat_s", "poll_s",
+                     "start_timeout_s", "retention_check_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`daemon.{name}` must be > 0, got {getattr(self, name)}")
+        for name in ("release_settle_s", "shutdown_grace_s", "retention_days", "max_disk_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`daemon.{name}` must be >= 0, got {getattr(self, name)}")
+        if self.workers < 1:
+            raise ConfigError(f"`daemon.workers` must be >= 1, got {self.workers}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"`daemon.max_attempts` must be >= 1, got {self.max_attempts}")
+
+
 @dataclass(frozen=True)
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
@@ -94,6 +209,8 @@ class Config:
     series: SeriesConfig = field(default_factory=SeriesConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
 
 def _suggest(name: str, valid: list[str]) -> str:
@@ -126,6 +243,9 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
         if getattr(typ, "__origin__", None) is tuple:
             items = value.split(",") if text_in else list(value)
             args = typ.__args__
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length, "" is empty
+                items = [v for v in items if not isinstance(v, str) or v.strip()]
+                args = (args[0],) * len(items)
             if len(items) != len(args):
                 raise ValueError
             return tuple(_coerce(where, v.strip() if isinstance(v, str) else v, a)
@@ -226,7 +346,7 @@ def describe_defaults() -> str:
             elif isinstance(value, bool):
                 text = str(value).lower()
             elif isinstance(value, tuple):
-                text = "[" + ", ".join(str(v) for v in value) + "]"
+                text = "[" + ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in value) + "]"
             else:
                 text = str(value)
             lines.append(f"{f.name} = {text}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import cc3d
 import numpy as np
-from appliance.pipeline.geometry import bounding_box
 from scipy import ndimage
+
+from appliance.pipeline.geometry import bounding_box
 
 
 def clean_lobes(lobes: np.ndarray, min_hole_fill_voxels: int = 1) -> np.ndarray:

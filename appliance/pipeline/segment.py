@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from appliance.pipeline.geometry import (
     Grid,
     bounding_box,
@@ -16,7 +17,6 @@ from appliance.pipeline.geometry import (
     resample_image,
 )
 from appliance.pipeline.tiling import plan_tiles, sliding_window
-
 from appliance.runtime.base import ModelSpec, Runner
 from appliance.volume import Volume
 

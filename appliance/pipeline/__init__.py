@@ -1,0 +1,1 @@
+"""The analysis stages: arrays and small dataclasses in, arrays and small dataclasses out."""
