@@ -112,6 +112,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "lobes": str(save_mask(out / "lobes.nii.gz", analysis.lobes, analysis.volume)),
             "opacity": str(save_mask(out / "opacity.nii.gz", analysis.opacity, analysis.volume)),
         }
+    if args.dicom_out:
+        from appliance.dicom.outputs import write_dicom_outputs
+
+        try:
+            written = write_dicom_outputs(analysis, args.dicom_out)
+        except ValueError as exc:
+            raise Refused(f"cannot write DICOM results: {exc}") from None
+        result["dicom_outputs"] = [str(p) for p in written]
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -159,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"], default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: config)")
     p.add_argument("--save-masks", metavar="DIR", help="write lobes.nii.gz and opacity.nii.gz here")
+    p.add_argument("--dicom-out", metavar="DIR", help="write DICOM SEG, SR and key images here")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.set_defaults(func=cmd_analyze)
 
@@ -194,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # Scanner headers break the standard in small ways (UUIDs as UIDs...): say nothing per file.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     from appliance.config import ConfigError
     from appliance.dicom.series import SeriesRefused
     from appliance.runtime.base import BackendUnavailable, ModelError
