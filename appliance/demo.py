@@ -1,0 +1,152 @@
+"""`appliance demo`: phantom patients pushed to a real daemon over DICOM, results as they land.
+
+With no arguments: a temporary state directory on the embedded defaults (SQLite, ONNX Runtime
+on the CPU), `appliance serve` started as a child process on a free loopback port, three phantom
+patients (mild, moderate, severe; a baseline and a follow-up each) written as DICOM and sent
+with C-STORE like a scanner would, then each patient's history (PLO per region and the serial
+change) printed as the results arrive. `--headless` is the same without a terminal dashboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PATIENTS = (("mild", 11), ("moderate", 12), ("severe", 13))
+"""(severity, seed) of the demo patients."""
+DEMO_SLICES = 120
+DEMO_THICKNESS_MM = 2.5
+"""Small but clinical-looking series (2.5 mm slices) so the demo runs in a few minutes on a CPU."""
+RESULT_TIMEOUT_S = 900.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _say(message: str) -> None:
+    print(f"demo: {message}", file=sys.stderr, flush=True)
+
+
+def _write_patients(root: Path) -> list[tuple[str, Path]]:
+    from appliance import phantom_cli
+
+    out = []
+    for severity, seed in PATIENTS:
+        folder = root / f"{severity}-{seed}"
+        args = argparse.Namespace(
+            outdir=str(folder), seed=seed, severity=severity, slices=DEMO_SLICES,
+            thickness=DEMO_THICKNESS_MM, follow_up=1, insert_into=None, motion=False,
+        )
+        if phantom_cli.run(args) != 0:
+            raise RuntimeError(f"phantom generation failed for {severity} patient {seed}")
+        out.append((severity, folder))
+    return out
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.dcm") if p.is_file())
+
+
+def _wait_for_scp(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    from pynetdicom import AE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited early with status {proc.returncode}")
+        ae = AE(ae_title="DEMO")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="APPLIANCE")
+        if assoc.is_established:
+            assoc.release()
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the daemon did not start listening in time")
+
+
+def _patient_ids(folder: Path) -> set[str]:
+    import pydicom
+
+    ids = set()
+    for f in _dicom_files(folder)[:1]:
+        ids.add(str(pydicom.dcmread(f, stop_before_pixels=True).PatientID))
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    from appliance.dicom.send import Destination, send_files
+
+    keep = args.workdir is not None
+    work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="appliance-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    state, scans = work / "state", work / "scans"
+    port = _free_port()
+    env = dict(os.environ, APPLIANCE_GENERAL__STATE_DIR=str(state), APPLIANCE_DICOM__PORT=str(port),
+               APPLIANCE_DAEMON__STABLE_SECONDS="2", APPLIANCE_ANALYSIS__BACKEND="auto")
+    if not args.headless:
+        _say("the terminal dashboard is not built yet; showing the results table instead")
+    _say(f"state directory {state}; starting the daemon on port {port}")
+    daemon = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--state-dir", str(state)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
+    try:
+        _wait_for_scp(port, daemon)
+        _say(f"writing {len(PATIENTS)} phantom patients (baseline + follow-up, {DEMO_SLICES} slices each)")
+        patients = _write_patients(scans)
+        dest = Destination("APPLIANCE", "127.0.0.1", port, calling_ae_title="DEMO_CT")
+        expected = 0
+        ids: list[str] = []
+        for severity, folder in patients:
+            files = _dicom_files(folder)
+            report = send_files(dest, files)
+            if not report.ok:
+                raise RuntimeError(f"sending {severity} patient failed: {report.summary()}")
+            _say(f"sent {len(files)} images of the {severity} patient")
+            ids += sorted(_patient_ids(folder))
+            expected += len({p.parent for p in files})
+        _wait_for_results(state, expected, daemon)
+        for pid in ids:
+            subprocess.run([sys.executable, "-m", "appliance.cli", "history", pid, "--state-dir", str(state)],
+                           env=env, check=False)
+        return 0
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_for_results(state: Path, expected: int, daemon: subprocess.Popen) -> None:
+    from appliance.store import JobState, Store, StoreError
+
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    seen = -1
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited with status {daemon.returncode}")
+        try:
+            with Store.open(state / "appliance.db", readonly=True) as store:
+                counts = store.job_counts()
+            done = counts.get(JobState.DONE, 0) + counts.get(JobState.FAILED, 0)
+        except StoreError:
+            done = 0
+        if done != seen:
+            _say(f"{done}/{expected} series analysed")
+            seen = done
+        if done >= expected:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"timed out waiting for {expected} results")
