@@ -1,0 +1,468 @@
+"""Tests of the training/export code (export/): network shapes, data orientation, training
+resume, ONNX export parity and the fp16 variant. CPU only and small: tiny tiles, tiny networks.
+
+`toy_phantom` is a test double for appliance.phantom.synthesize (named as one): two ellipsoid
+lungs split into lobes, with blobs of ground glass and consolidation. It only has to be cheap and
+anatomically oriented (right lung at LOW column indices), not realistic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from export import data as D  # noqa: E402
+from export.unet import UNet3D, UNetConfig, check_tile_shape  # noqa: E402
+
+SMALL_LOBES = replace(D.STAGES["lobes"], tile_shape=(32, 32, 32))
+SMALL_OPACITY = replace(D.STAGES["opacity"], tile_shape=(16, 32, 32), synth_shape=(40, 56, 56))
+
+
+@dataclass
+class ToyPhantom:
+    """Stand-in for appliance.phantom.Phantom (same field names)."""
+
+    hu: np.ndarray
+    lobes: np.ndarray
+    opacity: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    meta: dict = field(default_factory=dict)
+
+
+def toy_phantom(seed: int, severity: str = "moderate", *, spacing=(1.0, 0.7, 0.7),
+                shape=(300, 512, 512), thickness=None, day=0, motion=False) -> ToyPhantom:
+    """Test double of synthesize(): a body cylinder, right lung (RUL/RML/RLL) at low columns,
+    left lung (LUL/LLL) at high columns, opacity blobs inside the lungs by severity."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) / (n / 2) for n in shape], indexing="ij")
+    off = rng.uniform(-0.05, 0.05, 3)
+    z, y, x = z - off[0], y - off[1], x - off[2]
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = (y / 0.7) ** 2 + (x / 0.9) ** 2 < 1
+    hu[body] = 40.0
+    right = ((z / 0.7) ** 2 + (y / 0.5) ** 2 + ((x + 0.42) / 0.32) ** 2) < 1
+    left = ((z / 0.7) ** 2 + (y / 0.5) ** 2 + ((x - 0.42) / 0.28) ** 2) < 1
+    lobes = np.zeros(shape, dtype=np.uint8)
+    lobes[right & (z > 0.2)] = 1
+    lobes[right & (z <= 0.2) & (y < 0)] = 2
+    lobes[right & (z <= 0.2) & (y >= 0)] = 3
+    lobes[left & (z > 0.0)] = 4
+    lobes[left & (z <= 0.0)] = 5
+    lung = lobes > 0
+    hu[lung] = -850.0
+    opacity = np.zeros(shape, dtype=np.uint8)
+    n_blobs = {"none": 0, "mild": 1, "moderate": 2, "severe": 4, "critical": 6}[severity]
+    lung_idx = np.argwhere(lung)
+    for _ in range(n_blobs):
+        c = lung_idx[rng.integers(len(lung_idx))] / (np.asarray(shape) / 2) - 1
+        r = rng.uniform(0.1, 0.25)
+        blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < r**2) & lung
+        core = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < (r / 2) ** 2) & lung
+        opacity[blob] = 1
+        opacity[core] = 2
+    hu[opacity == 1] = -550.0
+    hu[opacity == 2] = 20.0
+    hu += rng.normal(0, 10, shape).astype(np.float32)
+    return ToyPhantom(hu.astype(np.int16), lobes, opacity, tuple(float(s) for s in spacing))
+
+
+# --------------------------------------------------------------------------------------------
+# Network
+
+
+@pytest.mark.parametrize("tile,classes", [((128, 128, 128), 6), ((64, 128, 128), 3)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_unet_output_shape_for_stage_tiles(tile, classes, batch):
+    model = UNet3D(UNetConfig(n_classes=classes, base=2, top_convs=1)).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(batch, 1, *tile))
+    assert out.shape == (batch, classes, *tile)
+    assert out.dtype == torch.float32
+
+
+def test_unet_config_round_trip_and_refusals():
+    cfg = UNetConfig(n_classes=3, base=12, top_convs=1)
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.channels() == [12, 24, 48, 96]
+    with pytest.raises(ValueError, match="`n_classes` must be"):
+        UNetConfig(n_classes=1)
+    with pytest.raises(ValueError, match="`tile_shape` must be three positive multiples of 8"):
+        check_tile_shape((64, 100, 128), cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: orientation, seeds, determinism
+
+
+def _toy_source(spec, seed=3):
+    ph = toy_phantom(seed, "moderate", spacing=spec.spacing_mm,
+                     shape=spec.synth_shape or spec.tile_shape)
+    return D.phantom_source(spec, seed, "moderate", lambda *a, **k: ph)
+
+
+def _column_centroids(label: np.ndarray) -> tuple[float, float]:
+    cols = np.arange(label.shape[2])[None, None, :]
+    right = np.isin(label, (1, 2, 3))
+    left = np.isin(label, (4, 5))
+    return float((cols * right).sum() / right.sum()), float((cols * left).sum() / left.sum())
+
+
+def test_lobes_augmentation_never_mirrors_left_right():
+    spec = SMALL_LOBES
+    source = _toy_source(spec)
+    hu, lab = torch.from_numpy(source.hu), torch.from_numpy(source.label)
+    right0, left0 = _column_centroids(source.label)
+    assert right0 < left0  # the toy phantom is canonical: right lung at low columns
+    for i in range(40):
+        params = D.sample_params(np.random.default_rng(i), spec, (np.array(hu.shape) - 1) / 2,
+                                 D.AugmentConfig())
+        assert not params["flip"]
+        assert np.linalg.det(params["matrix"]) > 0 and params["matrix"][2, 2] > 0
+        x, y = D.augment(hu, lab, params, source.spacing, spec)
+        right, left = _column_centroids(y.numpy())
+        assert right < left, f"sample {i}: right lung moved to the patient's left"
+        assert x.shape == (1, *spec.tile_shape) and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
+
+
+def test_opacity_augmentation_does_flip_so_the_lobe_check_can_fail():
+    # The same check applied to a stage that may flip must see mirrored samples.
+    spec = replace(SMALL_OPACITY, classes=SMALL_LOBES.classes)
+    source = _toy_source(replace(SMALL_LOBES, tile_shape=(32, 48, 48)))
+    hu, lab = torch.from_numpy(source.hu), torch.from_numpy(source.label)
+    flipped = 0
+    for i in range(20):
+        params = D.sample_params(np.random.default_rng(i), spec, (np.array(hu.shape) - 1) / 2,
+                                 replace(D.AugmentConfig(), centre_jitter=0.0))
+        _, y = D.augment(hu, lab, params, source.spacing, spec, out_shape=(32, 48, 48))
+        right, left = _column_centroids(y.numpy())
+        flipped += right > left
+        assert (right > left) == params["flip"]
+    assert 0 < flipped < 20
+
+
+def test_identity_warp_reproduces_the_source():
+    spec = SMALL_LOBES
+    source = _toy_source(spec)
+    params = D.sample_params(np.random.default_rng(0), spec, (np.array(source.hu.shape) - 1) / 2,
+                             None)
+    x, y = D.augment(torch.from_numpy(source.hu), torch.from_numpy(source.label), params,
+                     source.spacing, spec)
+    np.testing.assert_array_equal(y.numpy(), source.label)
+    expected = np.clip((source.hu.astype(np.float32) + 1024) / 1624, 0, 1)
+    np.testing.assert_allclose(x[0].numpy(), expected, atol=1e-4)
+
+
+def test_training_chunks_use_training_seeds_only():
+    seen = []
+
+    def recording(seed, severity="moderate", **kw):
+        seen.append(seed)
+        return toy_phantom(seed, severity, **kw)
+
+    cfg = D.DataConfig(stage="opacity", seed=7, crops_per_source=2)
+    spec = SMALL_OPACITY
+    for i in range(6):
+        chunk = D.make_chunk(replace(cfg, synth_kwargs={"shape": spec.synth_shape}), i,
+                             synthesize=recording)
+        assert len(chunk["params"]) == 2
+    val = D.validation_chunk("opacity", 0, synthesize=recording,
+                             synth_kwargs={"shape": spec.synth_shape})
+    assert all(0 <= s < D.VALIDATION_SEED_BASE for s in seen[:6])
+    assert seen[6] >= D.VALIDATION_SEED_BASE and val["params"][0]["flip"] is False
+    with pytest.raises(ValueError, match="`seed` must be in"):
+        D.check_training_seed(D.VALIDATION_SEED_BASE)
+
+
+def test_opacity_targets_are_zero_outside_the_lung():
+    ph = toy_phantom(5, "critical", spacing=(2.0, 1.5, 1.5), shape=(40, 56, 56))
+    ph.opacity[0, 0, 0] = 2  # a stray label outside the lung must not become a target
+    source = D.phantom_source(D.STAGES["opacity"], 5, "critical", lambda *a, **k: ph)
+    assert source.label[0, 0, 0] == 0
+    assert source.label.max() == 2 and not source.label[ph.lobes == 0].any()
+
+
+def test_chunk_stream_is_the_same_with_worker_processes():
+    cfg = D.DataConfig(stage="lobes", seed=1, crops_per_source=2,
+                       synth_kwargs={"shape": (24, 24, 24)})
+    ds = D.ChunkDataset(cfg, synthesize=toy_phantom)
+    a = D.chunk_loader(ds, 3, workers=0)
+    b = D.chunk_loader(ds, 3, workers=2)
+    for _ in range(3):
+        ca, cb = next(a), next(b)
+        assert ca["index"] == cb["index"]
+        np.testing.assert_array_equal(ca["source"].hu, cb["source"].hu)
+        np.testing.assert_allclose(ca["params"][1]["matrix"], cb["params"][1]["matrix"])
+    del b
+
+
+def test_sample_stream_resumes_mid_group():
+    cfg = D.DataConfig(stage="lobes", seed=2, crops_per_source=3,
+                       synth_kwargs={"shape": (16, 16, 16)})
+    ds = D.ChunkDataset(cfg, synthesize=toy_phantom)
+
+    def take(start, n):
+        chunks = D.chunk_loader(ds, D.first_chunk(cfg, start, 2), workers=0)
+        stream = D.sample_stream(chunks, cfg, start, 2)
+        return [(s.origin, p["noise_seed"]) for s, p in (next(stream) for _ in range(n))]
+
+    full = take(0, 10)
+    assert take(4, 6) == full[4:]
+    assert len({o for o, _ in full[:6]}) == 2  # a group mixes its two sources
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _trainer(tmp_path, stage, steps, monkeypatch, **kw):
+    from export.train import TrainConfig, Trainer
+
+    monkeypatch.setitem(D.STAGES, "lobes", SMALL_LOBES)
+    monkeypatch.setitem(D.STAGES, "opacity", SMALL_OPACITY)
+    spec = D.STAGES[stage]
+    cfg = TrainConfig(stage=stage, steps=steps, batch=2, base=2, workers=0, crops=2, group=2,
+                      val_every=0, val_samples=1, out=str(tmp_path / stage), log_every=1,
+                      threads=1, **kw)
+    return Trainer(cfg, synthesize=toy_phantom, quiet=True,
+                   synth_kwargs={"shape": spec.synth_shape or spec.tile_shape})
+
+
+def test_training_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = _trainer(tmp_path / "a", "lobes", 2, monkeypatch)
+    straight.run()
+    first = _trainer(tmp_path / "b", "lobes", 1, monkeypatch)
+    first.run()
+    assert (tmp_path / "b" / "lobes" / "last.pt").exists()
+    resumed = _trainer(tmp_path / "b", "lobes", 2, monkeypatch)
+    assert resumed.step == 1 and resumed.samples == 2
+    resumed.run()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    oa, ob = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    torch.testing.assert_close(oa[0]["exp_avg"], ob[0]["exp_avg"], rtol=0, atol=0)
+    log = [json.loads(line) for line in (tmp_path / "b" / "lobes" / "log.jsonl").read_text()
+           .splitlines()]
+    assert [e["event"] for e in log].count("resume") == 1
+    weights = torch.load(tmp_path / "b" / "lobes" / "lobes.pt", weights_only=False)
+    assert weights["training"]["steps"] == 2 and "validation_dice" in weights["metrics"]
+
+
+def test_a_crash_mid_run_still_saves_what_was_learnt(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(seed, severity="moderate", **kw):
+        calls.append(seed)
+        if len(calls) > 2:
+            raise RuntimeError("generator broke")
+        return toy_phantom(seed, severity, **kw)
+
+    trainer = _trainer(tmp_path, "lobes", 10, monkeypatch)
+    trainer.synthesize = failing
+    with pytest.raises(RuntimeError, match="generator broke"):
+        trainer.run()
+    saved = torch.load(tmp_path / "lobes" / "last.pt", weights_only=False)
+    assert saved["step"] == trainer.step >= 1
+    log = (tmp_path / "lobes" / "log.jsonl").read_text()
+    assert '"event": "crashed"' in log
+
+
+def test_resume_refuses_another_network(tmp_path, monkeypatch):
+    _trainer(tmp_path, "lobes", 1, monkeypatch).run()
+    with pytest.raises(ValueError, match="trained with another network"):
+        _trainer(tmp_path, "lobes", 2, monkeypatch, top_convs=2)
+
+
+def test_opacity_training_smoke_runs_and_validates(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "opacity", 2, monkeypatch)
+    result = trainer.run()
+    assert result["step"] == 2 and result["stop"] == "steps"
+    assert set(result["dice"]) >= {"ggo", "consolidation", "mean"}
+
+
+def test_time_budget_stops_cleanly(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "lobes", None, monkeypatch, minutes=0.02)
+    result = trainer.run()
+    assert result["stop"] == "time" and (tmp_path / "lobes" / "lobes.pt").exists()
+
+
+def test_loss_prefers_the_right_answer_and_handles_lung_only_targets():
+    from export.train import seg_loss
+
+    target = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    target[:, 2:6, 2:6, 2:4] = 1
+    target[:, 2:6, 2:6, 5:7] = 4
+    good = F_one_hot_logits(target, 6)
+    wrong = F_one_hot_logits(torch.where(target == 1, 4, torch.where(target == 4, 1, target)), 6)
+    full = torch.zeros(2, dtype=torch.long)
+    assert seg_loss(good, target, full) < 0.2 < seg_loss(wrong, target, full)
+    lung_only = torch.ones(2, dtype=torch.long)
+    lung = (target > 0).long()
+    # For lung-only targets a lobe mix-up costs nothing; missing the lung does.
+    assert seg_loss(wrong, lung, lung_only) < 0.2
+    assert seg_loss(F_one_hot_logits(torch.zeros_like(target), 6), lung, lung_only) > 1.0
+
+
+def F_one_hot_logits(labels, n):  # noqa: N802 - reads like the torch function it wraps
+    return torch.nn.functional.one_hot(labels, n).permute(0, 4, 1, 2, 3).float() * 10.0
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from export.train import lr_at
+
+    values = [lr_at(p / 100, 1.0) for p in range(101)]
+    top = int(np.argmax(values))
+    assert values[0] < values[top] and top <= 5
+    assert all(a >= b for a, b in zip(values[top:], values[top + 1:], strict=False))
+    assert values[-1] == pytest.approx(0.02)
+
+
+def test_train_cli_refuses_bad_values(capsys):
+    from export.train import main
+
+    assert main(["--stage", "lobes", "--device", "cpu"]) == 2
+    assert "`steps` or `minutes` must be given" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export
+
+
+TINY_TILE = (16, 32, 32)
+
+
+def _tiny_model(classes=3, seed=0):
+    torch.manual_seed(seed)
+    model = UNet3D(UNetConfig(n_classes=classes, base=4, top_convs=1))
+    # Non-trivial BatchNorm statistics, so folding them into the convolutions is exercised.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def _smooth_tiles(n, shape=TINY_TILE, seed=0):
+    from scipy import ndimage
+
+    x = np.random.default_rng(seed).random((n, 1, *shape))
+    x = ndimage.gaussian_filter(x, (0, 0, 1.5, 1.5, 1.5))
+    return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
+
+
+def test_onnx_round_trip_matches_pytorch(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+
+    from export.onnx import compare, export_onnx, ort_run, ort_session
+
+    model = _tiny_model()
+    path = export_onnx(model, TINY_TILE, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == 17
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BatchNormalization" not in ops and "Identity" not in ops  # BN folded, graph clean
+    dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert proto.graph.input[0].name == "image" and dims[1:] == [1, *TINY_TILE]
+    assert isinstance(dims[0], str)  # dynamic batch
+    x = _smooth_tiles(3)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    out = ort_run(ort_session(path), x)
+    assert out.shape == (3, 3, *TINY_TILE)
+    result = compare(ref, out)
+    assert result["max_abs_logit_diff"] < 1e-3 and result["argmax_agreement"] >= 0.999
+
+
+def test_fp16_variant_agrees_with_fp32(tmp_path):
+    pytest.importorskip("onnxconverter_common")
+    import onnx
+
+    from export.onnx import compare, convert_fp16, export_onnx, ort_run, ort_session
+
+    path = export_onnx(_tiny_model(), TINY_TILE, tmp_path / "m.onnx")
+    half = convert_fp16(path, tmp_path / "m.fp16.onnx")
+    proto = onnx.load(str(half))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    x = _smooth_tiles(2, seed=1)
+    result = compare(ort_run(ort_session(path), x), ort_run(ort_session(half), x))
+    assert result["argmax_agreement"] >= 0.995, result
+    assert half.stat().st_size < path.stat().st_size
+
+
+def test_export_stage_writes_a_manifest_the_runtime_loads(tmp_path, monkeypatch):
+    pytest.importorskip("onnxconverter_common")
+    from appliance.runtime.base import load_manifest
+    from appliance.runtime.onnxruntime import OnnxRuntimeRunner
+    from export.onnx import export_stage
+
+    small = {"lobes": replace(D.STAGES["lobes"], tile_shape=TINY_TILE),
+             "opacity": replace(D.STAGES["opacity"], tile_shape=TINY_TILE)}
+    for stage, spec in small.items():
+        model = _tiny_model(spec.n_classes)
+        torch.save({"stage": stage, "unet": model.config.to_dict(),
+                    "state_dict": model.state_dict(), "training": {"steps": 0},
+                    "metrics": {"validation_dice": {"mean": 0.5}}}, tmp_path / f"{stage}.pt")
+        entry = export_stage(tmp_path / f"{stage}.pt", models_dir=tmp_path / "models", tiles=2,
+                             spec=spec, real_dir=tmp_path / "no-real")
+        assert entry["metrics"]["export"]["fp32_vs_torch"]["argmax_agreement"] >= 0.999
+    manifest = json.loads((tmp_path / "models" / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    lobes = manifest["models"]["lobes"]
+    assert list(lobes) == ["name", "version", "file", "fp16_file", "sha256", "fp16_sha256",
+                           "classes", "spacing_mm", "tile_shape", "overlap", "normalization",
+                           "output", "input_name", "output_name", "batch", "architecture",
+                           "training", "metrics"]
+    assert lobes["classes"] == ["background", "RUL", "RML", "RLL", "LUL", "LLL"]
+    assert lobes["spacing_mm"] == [3.0, 3.0, 3.0] and lobes["output"] == "logits"
+    assert manifest["models"]["opacity"]["normalization"] == {"hu_min": -1024.0, "hu_max": 400.0}
+    specs = load_manifest(tmp_path / "models")
+    for precision in ("fp32", "fp16"):
+        with OnnxRuntimeRunner(specs["opacity"], precision=precision) as runner:
+            out = runner.infer(_smooth_tiles(2))
+        assert out.shape == (2, 3, *TINY_TILE)
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    from export.onnx import load_model
+
+    torch.save({"something": 1}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="`weights` must be a file written by export.train"):
+        load_model(tmp_path / "x.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# Real-scan preparation
+
+
+def test_to_canonical_undoes_flips_and_permutations():
+    from export.prepare_real import to_canonical
+
+    canonical = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    # Stored as (rows along -y, slices along +z, columns along -x).
+    stored = np.flip(np.flip(np.transpose(canonical, (1, 0, 2)), 0), 2)
+    direction = np.array([[0, -1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]])
+    np.testing.assert_array_equal(to_canonical(stored, direction), canonical)
+    with pytest.raises(ValueError, match="`direction` must be axis-aligned"):
+        to_canonical(stored, np.full((3, 3), 0.577))
+
+
+def test_prepare_real_refuses_evaluation_scans():
+    from export.prepare_real import load
+
+    with pytest.raises(ValueError, match="must not be an evaluation scan"):
+        load(Path("/work/shared/data/real/covid-ct-md/covid-P001"))
