@@ -26,7 +26,7 @@ from appliance.volume import CANONICAL_DIRECTION
 from tests import dicom_factory as factory
 from tests.dicom_factory import AXIAL, CORONAL, SAGITTAL, phantom_hu
 
-REAL = Path("/work/shared/data/real")
+from tests.paths import REAL  # noqa: E402
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real scans not present at {REAL}")
 RULES = SelectionRules()
 
