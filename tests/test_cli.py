@@ -1,0 +1,112 @@
+"""`appliance analyze` as a user runs it: exit codes, one-line refusals, the JSON contract."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.runtime.base import MODELS_DIR
+from tests.onnx_models import write_models
+from tests.paths import REAL
+
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real scans not present at {REAL}")
+
+
+def run_cli(*args, models=None, timeout=300):
+    env = dict(os.environ)
+    if models is not None:
+        env["APPLIANCE_ANALYSIS__MODELS_DIR"] = str(models)
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def test_models(tmp_path_factory):
+    return write_models(tmp_path_factory.mktemp("models"), lobes_tile=(64, 64, 64), opacity_tile=(32, 64, 64),
+                        lobes_spacing=(4.0, 4.0, 4.0), opacity_spacing=(2.0, 2.0, 2.0))
+
+
+def assert_refused(proc, match):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("appliance:")]
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_missing_path(tmp_path, test_models):
+    assert_refused(run_cli("analyze", tmp_path / "nope", models=test_models), "does not exist")
+
+
+def test_empty_folder(tmp_path, test_models):
+    assert_refused(run_cli("analyze", tmp_path, models=test_models), "is empty")
+
+
+def test_garbage_files(tmp_path, test_models):
+    for i in range(3):
+        (tmp_path / f"f{i}.dcm").write_bytes(os.urandom(2000))
+    assert_refused(run_cli("analyze", tmp_path, models=test_models), "not DICOM")
+
+
+def test_unavailable_backend_by_name(tmp_path, test_models):
+    assert_refused(run_cli("analyze", tmp_path, "--backend", "tensorrt", models=test_models),
+                   "backend tensorrt is unavailable")
+
+
+def test_bad_config_key(tmp_path, test_models):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[analysis]\nthreds = 2\n")
+    assert_refused(run_cli("analyze", tmp_path, "--config", cfg, models=test_models), "unknown key")
+
+
+@needs_real
+def test_abdomen_series_has_no_lungs(test_models):
+    """20 slices of upper abdomen (a sliver of lung base at most): refused by lung volume."""
+    proc = run_cli("analyze", REAL / "totalsegmentator-examples" / "abdomen-ct-dicom-20", models=test_models)
+    assert_refused(proc, "no lungs found")
+
+
+@needs_real
+def test_tcia_single_slices_are_refused(tmp_path, test_models):
+    folder = tmp_path / "tcia"
+    folder.mkdir()
+    for f in sorted((REAL / "tcia-covid").rglob("*.dcm")):
+        (folder / f"{f.parent.parent.name}-{f.parent.name}-{f.name}").symlink_to(f)
+    proc = run_cli("analyze", folder, models=test_models)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+@needs_real
+def test_json_contract_with_test_models_and_masks(tmp_path, test_models):
+    proc = run_cli("analyze", REAL / "covid-ct-md" / "covid-P001", "--json", "--save-masks", tmp_path / "m",
+                   models=test_models)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["schema_version"] == 1 and result["intended_use"].endswith("not a diagnosis")
+    assert result["scan"]["shape"] == [148, 512, 512]
+    whole = result["regions"]["whole"]
+    assert whole["ggo_pct"] + whole["consolidation_pct"] == pytest.approx(whole["plo_pct"])
+    assert set(result["timings_s"]) >= {"load", "lobes", "opacity", "postprocess", "quantify", "total"}
+    import nibabel as nib
+
+    lobes = nib.load(result["masks"]["lobes"])
+    assert lobes.shape == (148, 512, 512)
+    assert "load" in proc.stderr  # progress went to stderr
+
+
+SHIPPED = (MODELS_DIR / "manifest.json").exists()
+
+
+@needs_real
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED, reason="no shipped models in appliance/models yet")
+@pytest.mark.parametrize("case", ["normal-normal001", "normal-normal002", "covid-P001", "cap-cap001"])
+def test_real_scans_with_shipped_models(case):
+    proc = run_cli("analyze", REAL / "covid-ct-md" / case, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert 1000 < result["regions"]["whole"]["lung_ml"] < 12000
+    assert Path(MODELS_DIR).exists()
