@@ -47,7 +47,11 @@ CONSOLIDATION_PEAK_SHARE: dict[str, tuple[float, float]] = {
     "critical": (0.35, 0.55),
 }
 """Share of the opacity that is consolidation at the peak of the illness."""
-LESION_COUNT: dict[str, tuple[int, int]] = {"moderate": (2, 6), "severe": (6, 13), "critical": (10, 20)}
+LESION_COUNT: dict[str, tuple[int, int]] = {
+    "moderate": (2, 6),
+    "severe": (6, 13),
+    "critical": (10, 20),
+}
 LESION_RADIUS_MM: dict[str, tuple[float, float]] = {
     "moderate": (10.0, 30.0),
     "severe": (18.0, 45.0),
@@ -66,7 +70,10 @@ GGO_EDGE_SHARE = 0.25
 """At the labelled margin a lesion adds this share of its core density (margins are hazy)."""
 CONS_LOW_HU, CONS_HIGH_HU = -80.0, 35.0
 DENSITY_RANGE: dict[str, tuple[float, float]] = {
-    "moderate": (0.0, 0.6), "severe": (0.15, 0.85), "critical": (0.3, 1.0)}
+    "moderate": (0.0, 0.6),
+    "severe": (0.15, 0.85),
+    "critical": (0.3, 1.0),
+}
 """Per-lesion density (0 faintest, 1 densest ground glass) per clinical type."""
 
 _TAG_LESIONS = 5
@@ -96,7 +103,7 @@ class Course:
     """Days from symptom onset to the largest extent (about 13)."""
     baseline_plo_pct: float
     consolidation_peak: float
-    sharpness: float = 2.0
+    sharpness: float = 1.2
 
     def days_since_onset(self, day: float) -> float:
         return self.onset_days + float(day)
@@ -114,7 +121,9 @@ class Course:
 
     def consolidation_share(self, day: float) -> float:
         t = self.days_since_onset(day)
-        return self.consolidation_peak * (0.15 + 0.85 * math.exp(-(((t - self.peak_days - 1.0) / 7.0) ** 2)))
+        return self.consolidation_peak * (
+            0.15 + 0.85 * math.exp(-(((t - self.peak_days - 1.0) / 7.0) ** 2))
+        )
 
     def crazy_paving(self, day: float) -> float:
         """Strength of crazy paving: the progressive phase (about days 5-13)."""
@@ -182,8 +191,15 @@ class LesionField:
     5 density of the lesion (0-1), 6 baseline HU (real scans only).
     """
 
-    def __init__(self, lattice: Lattice, data: np.ndarray, box: tuple[np.ndarray, np.ndarray],
-                 lesions: tuple[Lesion, ...], plo_pct: float, consolidation_share: float) -> None:
+    def __init__(
+        self,
+        lattice: Lattice,
+        data: np.ndarray,
+        box: tuple[np.ndarray, np.ndarray],
+        lesions: tuple[Lesion, ...],
+        plo_pct: float,
+        consolidation_share: float,
+    ) -> None:
         self.lattice = lattice
         self.data = data
         self.lo = np.asarray(lattice.origin, dtype=np.float64)
@@ -199,8 +215,17 @@ class LesionField:
         b = int(np.searchsorted(coords, self.box_hi[axis], side="right"))
         return a, max(a, b)
 
-    def apply(self, hu: np.ndarray, lung: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray, *,
-              baseline: np.ndarray | float | None = None, air: np.ndarray | None = None) -> np.ndarray:
+    def apply(
+        self,
+        hu: np.ndarray,
+        lung: np.ndarray,
+        z: np.ndarray,
+        y: np.ndarray,
+        x: np.ndarray,
+        *,
+        baseline: np.ndarray | float | None = None,
+        air: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Change ``hu`` (float32 block, in place) inside the lesions that lie in ``lung`` and
         return their labels (uint8 0-2). ``z, y, x`` are the block's coordinates (mm, sorted),
         ``baseline`` the normal parenchyma HU (default: the lattice's estimate), ``air`` the
@@ -237,7 +262,10 @@ class LesionField:
         ramp = np.clip(lev / f32(0.3), 0.0, 1.0) ** f32(0.8)
         t_core = f32(GGO_FAINT_HU) + f32(GGO_DENSE_HU - GGO_FAINT_HU) * dens
         patch = f32(0.72) + f32(0.28) * np.tanh(f32(1.6) * tex)
-        t_ggo = base + (t_core - base) * (f32(GGO_EDGE_SHARE) + f32(1.0 - GGO_EDGE_SHARE) * ramp) * patch
+        t_ggo = (
+            base
+            + (t_core - base) * (f32(GGO_EDGE_SHARE) + f32(1.0 - GGO_EDGE_SHARE) * ramp) * patch
+        )
         septa = np.exp(-((ret / f32(0.16)) ** 2)) * crazy
         t_ggo = t_ggo + f32(260.0) * septa * (f32(0.3) + f32(0.7) * ramp)
         c_ramp = np.clip(core / f32(0.08), 0.0, 1.0)
@@ -288,14 +316,16 @@ def _smooth_noise(r: np.random.Generator, shape: tuple[int, ...], sigma: float) 
     return n / (n.std() + 1e-6)
 
 
-def _draw_lesions(r: np.random.Generator, lat: Lattice, severity: str, course: Course) -> list[Lesion]:
+def _draw_lesions(
+    r: np.random.Generator, lat: Lattice, severity: str, course: Course
+) -> list[Lesion]:
     """Centres weighted towards the pleura, the back and the lower lobes; both lungs."""
     idx = np.argwhere(lat.lung)
     if len(idx) == 0:
         return []
     pos = np.asarray(lat.origin) + idx * np.asarray(lat.step)
     d = lat.pleura_mm[lat.lung]
-    # posterior (axis 1 grows backwards) and inferior (axis 0 grows upwards), normalised to the lungs
+    # posterior (axis 1 grows backwards), inferior (axis 0 grows upwards), within the lungs
     span = np.maximum(pos.max(0) - pos.min(0), 1.0)
     rel = (pos - pos.min(0)) / span
     # peripheral: near the costal pleura and away from the midline (not the mediastinal pleura)
@@ -338,9 +368,19 @@ def _draw_lesions(r: np.random.Generator, lat: Lattice, severity: str, course: C
         rad = math.exp(r.uniform(math.log(r_lo), math.log(r_hi)))
         radii = (rad, rad * r.uniform(0.6, 1.1), rad * r.uniform(0.4, 0.7))
         late = r.random() < 0.3
-        onset = r.uniform(t0 + 1.0, course.peak_days) if late else r.uniform(0.0, max(t0 - 1.0, 0.5))
-        out.append(Lesion(tuple(c), radii, (tuple(a1), tuple(a2), tuple(normal)), onset,
-                          course.peak_days + r.normal(0, 2.0), bool(r.random() < 0.5)))
+        onset = (
+            r.uniform(t0 + 1.0, course.peak_days) if late else r.uniform(0.0, max(t0 - 1.0, 0.5))
+        )
+        out.append(
+            Lesion(
+                tuple(c),
+                radii,
+                (tuple(a1), tuple(a2), tuple(normal)),
+                onset,
+                course.peak_days + r.normal(0, 2.0),
+                bool(r.random() < 0.5),
+            )
+        )
     return out
 
 
@@ -376,7 +416,9 @@ def plan(seed: int, severity: str, lattice: Lattice, day: int = 0) -> LesionFiel
     density = np.zeros(shape, np.float32)
     d_lo, d_hi = DENSITY_RANGE[severity]
     strength = r.uniform(d_lo, d_hi, len(lesions)).astype(np.float32)
-    growth = min(1.0, max(0.0, (t - course.onset_days) / max(course.peak_days - course.onset_days, 1.0)))
+    growth = min(
+        1.0, max(0.0, (t - course.onset_days) / max(course.peak_days - course.onset_days, 1.0))
+    )
     coords = [lattice.coords(i) for i in range(3)]
     for i, les in enumerate(lesions):
         b = _activity(les, t)
@@ -388,7 +430,11 @@ def plan(seed: int, severity: str, lattice: Lattice, day: int = 0) -> LesionFiel
         dx = (coords[2] - les.centre[2])[None, None, :].astype(np.float32)
         acc = None
         for ax, rad in zip(les.axes, les.radii, strict=True):
-            u = dz * np.float32(ax[0] / rad) + dy * np.float32(ax[1] / rad) + dx * np.float32(ax[2] / rad)
+            u = (
+                dz * np.float32(ax[0] / rad)
+                + dy * np.float32(ax[1] / rad)
+                + dx * np.float32(ax[2] / rad)
+            )
             acc = u * u if acc is None else acc + u * u
         f = np.float32(1.0 + b) - np.sqrt(acc)
         # lesions get denser towards the peak of the illness
@@ -481,7 +527,9 @@ def insert_lesions(
     if not isinstance(hu, np.ndarray) or hu.ndim != 3:
         raise ValueError(f"`hu` must be a 3D array, got {getattr(hu, 'shape', type(hu).__name__)}")
     if not isinstance(lung, np.ndarray) or lung.shape != hu.shape:
-        raise ValueError(f"`lung` must be an array of shape {hu.shape}, got {getattr(lung, 'shape', None)}")
+        raise ValueError(
+            f"`lung` must be an array of shape {hu.shape}, got {getattr(lung, 'shape', None)}"
+        )
     if lobes is not None and (not isinstance(lobes, np.ndarray) or lobes.shape != hu.shape):
         raise ValueError(f"`lobes` must be None or an array of shape {hu.shape}")
     sp = tuple(float(s) for s in spacing)
@@ -522,7 +570,7 @@ def insert_lesions(
 
 def _with_lobes(lat: Lattice, lobes: np.ndarray, spacing) -> Lattice:
     f = [max(1, int(round(lat.step[i] / spacing[i]))) for i in range(3)]
-    sub = lobes[f[0] // 2::f[0], f[1] // 2::f[1], f[2] // 2::f[2]]
+    sub = lobes[f[0] // 2 :: f[0], f[1] // 2 :: f[1], f[2] // 2 :: f[2]]
     sub = sub[: lat.lung.shape[0], : lat.lung.shape[1], : lat.lung.shape[2]]
     full = np.zeros(lat.lung.shape, np.uint8)
     full[: sub.shape[0], : sub.shape[1], : sub.shape[2]] = sub
@@ -533,8 +581,9 @@ def _with_lobes(lat: Lattice, lobes: np.ndarray, spacing) -> Lattice:
 # ============================================================================ phantoms
 
 
-def phantom_lattice(lung_sdf_grid, lo: tuple[float, float, float], hi: tuple[float, float, float]
-                    ) -> Lattice:
+def phantom_lattice(
+    lung_sdf_grid, lo: tuple[float, float, float], hi: tuple[float, float, float]
+) -> Lattice:
     """Lattice for a phantom from its analytic lung: ``lung_sdf_grid(z, y, x) -> (sdf, lobes)`` on
     the grid of three 1D axes, over the box ``lo``-``hi`` (mm, z y x, patient frame)."""
     step = (LATTICE_MM,) * 3
@@ -542,5 +591,11 @@ def phantom_lattice(lung_sdf_grid, lo: tuple[float, float, float], hi: tuple[flo
     axes = [lo[i] + np.arange(shape[i]) * LATTICE_MM for i in range(3)]
     sdf, lobes = lung_sdf_grid(*axes)
     lung = sdf < 0
-    return Lattice(tuple(float(v) for v in lo), step, lung, np.where(lung, -sdf, 0).astype(np.float32),
-                   lobes.astype(np.uint8), None)
+    return Lattice(
+        tuple(float(v) for v in lo),
+        step,
+        lung,
+        np.where(lung, -sdf, 0).astype(np.float32),
+        lobes.astype(np.uint8),
+        None,
+    )

@@ -55,14 +55,34 @@ WALL_MM = 10.0
 """Ribs and intercostal muscle between the pleura and the outer muscles."""
 
 VENDORS: tuple[dict, ...] = (
-    {"manufacturer": "SIEMENS", "model": "SOMATOM Definition AS", "kernels": ("B41s", "B31f", "B70f",
-     "I70f"), "kvp": (110, 120), "noise": (1.0, 0.8, 2.6, 2.2)},
-    {"manufacturer": "GE MEDICAL SYSTEMS", "model": "LightSpeed VCT", "kernels": ("STANDARD", "SOFT",
-     "LUNG", "BONE"), "kvp": (100, 120), "noise": (1.0, 0.8, 2.8, 2.4)},
-    {"manufacturer": "Philips", "model": "Ingenuity CT", "kernels": ("B", "A", "L", "YA"),
-     "kvp": (120, 120), "noise": (1.0, 0.85, 2.6, 2.3)},
-    {"manufacturer": "TOSHIBA", "model": "Aquilion ONE", "kernels": ("FC08", "FC03", "FC52", "FC86"),
-     "kvp": (100, 120), "noise": (1.0, 0.85, 2.7, 2.5)},
+    {
+        "manufacturer": "SIEMENS",
+        "model": "SOMATOM Definition AS",
+        "kernels": ("B41s", "B31f", "B70f", "I70f"),
+        "kvp": (110, 120),
+        "noise": (1.0, 0.8, 2.6, 2.2),
+    },
+    {
+        "manufacturer": "GE MEDICAL SYSTEMS",
+        "model": "LightSpeed VCT",
+        "kernels": ("STANDARD", "SOFT", "LUNG", "BONE"),
+        "kvp": (100, 120),
+        "noise": (1.0, 0.8, 2.8, 2.4),
+    },
+    {
+        "manufacturer": "Philips",
+        "model": "Ingenuity CT",
+        "kernels": ("B", "A", "L", "YA"),
+        "kvp": (120, 120),
+        "noise": (1.0, 0.85, 2.6, 2.3),
+    },
+    {
+        "manufacturer": "TOSHIBA",
+        "model": "Aquilion ONE",
+        "kernels": ("FC08", "FC03", "FC52", "FC86"),
+        "kvp": (100, 120),
+        "noise": (1.0, 0.85, 2.7, 2.5),
+    },
 )
 """Scanner makes with their soft/smooth/lung/sharp kernels and relative noise per kernel."""
 KERNEL_CUTOFF = (0.42, 0.34, 0.80, 0.70)
@@ -74,7 +94,7 @@ _TAG = {"anatomy": 1, "trees": 2, "acq": 3, "noise": 4, "lesions": 5, "texture":
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
-    """An independent random stream per (seed, purpose, ...): adding a purpose never shifts another."""
+    """An independent random stream per (seed, purpose, ...): a new purpose shifts no other."""
     return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, *keys]))
 
 
@@ -111,7 +131,9 @@ def _check_triple(name: str, value: object, kind: type) -> tuple:
         items = tuple(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"`{name}` must be a sequence of three numbers, got {value!r}") from None
-    if len(items) != 3 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in items):
+    if len(items) != 3 or not all(
+        isinstance(v, (int, float, np.integer, np.floating)) for v in items
+    ):
         raise ValueError(f"`{name}` must be three numbers, got {value!r}")
     out = tuple(kind(v) for v in items)
     if min(out) <= 0 or not all(math.isfinite(float(v)) for v in out):
@@ -163,11 +185,17 @@ def patient_summary(seed: int) -> dict:
     p = Patient(_check_seed(seed))
     acq = _Acquisition(p, (1.0, 0.7, 0.7), None, 0)
     return {
-        "patient_id": p.patient_id, "sex": p.sex, "age": p.age,
-        "body_width_mm": 2 * p.body_half_width, "body_depth_mm": p.body_depth,
-        "lung_top_mm": p.z_top, "lung_bottom_mm": p.z_bottom,
-        "manufacturer": acq.vendor["manufacturer"], "model": acq.vendor["model"],
-        "kernel": acq.kernel, "kvp": acq.kvp,
+        "patient_id": p.patient_id,
+        "sex": p.sex,
+        "age": p.age,
+        "body_width_mm": 2 * p.body_half_width,
+        "body_depth_mm": p.body_depth,
+        "lung_top_mm": p.z_top,
+        "lung_bottom_mm": p.z_bottom,
+        "manufacturer": acq.vendor["manufacturer"],
+        "model": acq.vendor["model"],
+        "kernel": acq.kernel,
+        "kvp": acq.kvp,
     }
 
 
@@ -219,9 +247,13 @@ class Patient:
         # Mediastinum and heart.
         self.med_x = 4.0 + u(-3, 3)
         h = float(np.clip(r.normal(1.0, 0.07), 0.85, 1.25)) * (1.0 + max(0, self.age - 60) * 0.004)
-        self.heart_c = np.array([self.z_dome_l + 38.0 * s * h, self.cav_yc - 34.0 * s, 32.0 * s + u(-5, 5)])
-        self.heart_ax = np.array([62.0, 50.0, 42.0]) * s * h
-        long_axis = np.array([-0.55, -0.45, 0.70]) + r.normal(0, 0.06, 3)  # (z, y, x): down, front, left
+        self.heart_c = np.array(
+            [self.z_dome_l + 24.0 * s * h, self.cav_yc - 34.0 * s, 32.0 * s + u(-5, 5)]
+        )
+        self.heart_ax = np.array([60.0, 50.0, 42.0]) * s * h
+        long_axis = np.array([-0.55, -0.45, 0.70]) + r.normal(
+            0, 0.06, 3
+        )  # (z, y, x): down, front, left
         long_axis /= np.linalg.norm(long_axis)
         second = np.cross(long_axis, [1.0, 0.0, 0.0])
         second /= np.linalg.norm(second)
@@ -229,7 +261,9 @@ class Patient:
         self.spine_r = 17.0 * s
         self.fissure = {
             side: {
-                "z_post": (35.0 + r.normal(0, 9)) * q if side == "R" else (45.0 + r.normal(0, 9)) * q,
+                "z_post": (35.0 + r.normal(0, 9)) * q
+                if side == "R"
+                else (45.0 + r.normal(0, 9)) * q,
                 "y_ant": self.cav_yc - self.cav_b * u(0.30, 0.50),
                 "curve": u(-0.25, 0.15),
                 "lat": u(-8, 8),
@@ -277,11 +311,11 @@ class Patient:
 
     @property
     def body_a(self) -> float:
-        return self.cav_a + WALL_MM + self.muscle + 1.2 * self.fat + 6.0
+        return self.cav_a + WALL_MM + 0.5 * self.muscle + self.fat + 2.0
 
     @property
     def body_b(self) -> float:
-        return self.cav_b + WALL_MM + self.muscle + 16.0 * self.s + self.fat
+        return self.cav_b + WALL_MM + self.muscle + 8.0 * self.s + self.fat
 
     @property
     def body_yc(self) -> float:
@@ -299,7 +333,11 @@ class Patient:
         sh = np.clip((z - (self.z_top - 70.0)) / 60.0, 0.0, 1.0)
         a = self.body_a * (1.0 - 0.05 * below * below) + 18.0 * self.s * sh
         b = self.body_b * (1.0 - 0.02 * below) + 6.0 * sh
-        return a.astype(np.float32), b.astype(np.float32), np.full_like(a, self.body_yc, dtype=np.float32)
+        return (
+            a.astype(np.float32),
+            b.astype(np.float32),
+            np.full_like(a, self.body_yc, dtype=np.float32),
+        )
 
     # ---------------------------------------------------------------- profiles along Z
     def cavity(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -311,8 +349,12 @@ class Patient:
         dome = np.sqrt(np.clip(1.0 - t**2.4, 0.0, 1.0))
         a = self.cav_a * (1.0 - 0.05 * below * below) * (0.3 + 0.7 * dome)
         # the ribs follow the lungs into the apices (the apex cap's parabola, a little outside)
-        a_apex = 6.0 + self.apex_x + abs(self.med_x) + np.sqrt(np.clip(self.z_top + 6.0 - z, 0.0, None)
-                                                                / self.apex_kx)
+        a_apex = (
+            6.0
+            + self.apex_x
+            + abs(self.med_x)
+            + np.sqrt(np.clip(self.z_top + 6.0 - z, 0.0, None) / self.apex_kx)
+        )
         a = np.maximum(np.minimum(a, a_apex), 40.0)
         b = self.cav_b * (1.0 - 0.02 * below) * (0.55 + 0.45 * dome)
         yc = self.cav_yc + 22.0 * t**3
@@ -342,7 +384,11 @@ class Patient:
         z0 = np.where(right, self.z_apex, self.z_apex_l)
         dx = np.abs(x - self.med_x) - self.apex_x
         dy = y - self.apex_y
-        return z0 - self.apex_kx * dx * dx - self.apex_k * (1.0 - np.exp(dy * dy * (-0.5 / self.apex_r**2)))
+        return (
+            z0
+            - self.apex_kx * dx * dx
+            - self.apex_k * (1.0 - np.exp(dy * dy * (-0.5 / self.apex_r**2)))
+        )
 
     def oblique(self, x: np.ndarray, y: np.ndarray, right: np.ndarray | bool) -> np.ndarray:
         """Height of the oblique fissure at (x, y): posterior-superior to anterior-inferior."""
@@ -361,16 +407,25 @@ class Patient:
         z = z_ant + slope * t + f["curve"] * t * (span - t) / 100.0
         z = z + f["lat"] * (np.abs(x) - 80.0) / 80.0
         for amp, wave, phase, ang in f["warp"]:
-            z = z + amp * np.sin((x * math.cos(ang) + y * math.sin(ang)) * (2 * math.pi / wave) + phase)
+            z = z + amp * np.sin(
+                (x * math.cos(ang) + y * math.sin(ang)) * (2 * math.pi / wave) + phase
+            )
         return z
 
     def horizontal(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Height of the right horizontal fissure at (x, y)."""
         h = self.horiz
         dx = (x + 70.0 * self.s) / (80.0 * self.s)
-        z = h["z"] + h["tilt_y"] * (y - self.cav_yc) + h["tilt_x"] * (x + 70.0) + h["dome"] * (1 - dx * dx)
+        z = (
+            h["z"]
+            + h["tilt_y"] * (y - self.cav_yc)
+            + h["tilt_x"] * (x + 70.0)
+            + h["dome"] * (1 - dx * dx)
+        )
         for amp, wave, phase, ang in h["warp"]:
-            z = z + amp * np.sin((x * math.cos(ang) + y * math.sin(ang)) * (2 * math.pi / wave) + phase)
+            z = z + amp * np.sin(
+                (x * math.cos(ang) + y * math.sin(ang)) * (2 * math.pi / wave) + phase
+            )
         return z
 
     # ---------------------------------------------------------------- mediastinal tubes
@@ -384,31 +439,67 @@ class Patient:
         ra = 14.5 * s * age
         vessels = [
             # ascending aorta, arch, descending aorta
-            [((hz + 35, yc - 25, 6), ra), ((35, yc - 22, 4), ra), ((50, yc - 2, 8), ra * 0.92),
-             ((36, yc + 28, 20 * s), ra * 0.85), ((-20, yc + 44, 23 * s), ra * 0.82),
-             ((self.z_dome_l - 40, yc + 48, 14), ra * 0.78), ((self.z_dome_l - 200, yc + 50, 8), ra * 0.75)],
+            [
+                ((hz + 35, yc - 25, 6), ra),
+                ((35, yc - 22, 4), ra),
+                ((50, yc - 2, 8), ra * 0.92),
+                ((36, yc + 28, 20 * s), ra * 0.85),
+                ((-20, yc + 44, 23 * s), ra * 0.82),
+                ((self.z_dome_l - 40, yc + 48, 14), ra * 0.78),
+                ((self.z_dome_l - 200, yc + 50, 8), ra * 0.75),
+            ],
             # pulmonary trunk and arteries
             [((hz + 30, yc - 45, 20 * s), 13 * s), ((-8, yc - 12, 12 * s), 13 * s)],
-            [((-8, yc - 12, 12 * s), 11 * s), ((-8, yc - 2, -10 * s), 10.5 * s), ((-14, yc + 4, -42 * s), 9 * s)],
-            [((-8, yc - 12, 12 * s), 11 * s), ((2, yc + 6, 30 * s), 10.5 * s), ((-6, yc + 18, 46 * s), 9 * s)],
+            [
+                ((-8, yc - 12, 12 * s), 11 * s),
+                ((-8, yc - 2, -10 * s), 10.5 * s),
+                ((-14, yc + 4, -42 * s), 9 * s),
+            ],
+            [
+                ((-8, yc - 12, 12 * s), 11 * s),
+                ((2, yc + 6, 30 * s), 10.5 * s),
+                ((-6, yc + 18, 46 * s), 9 * s),
+            ],
             # superior vena cava, brachiocephalic veins, brachiocephalic arteries
             [((48, yc - 16, -22 * s), 10 * s), ((hz + 40, yc - 12, -27 * s), 11 * s)],
             [((self.z_top + 40, yc - 10, -46 * s), 7 * s), ((48, yc - 16, -22 * s), 8 * s)],
-            [((self.z_top + 5, yc - 20, 48 * s), 6 * s), ((56, yc - 24, 0), 6.5 * s), ((48, yc - 16, -22 * s), 7 * s)],
+            [
+                ((self.z_top + 5, yc - 20, 48 * s), 6 * s),
+                ((56, yc - 24, 0), 6.5 * s),
+                ((48, yc - 16, -22 * s), 7 * s),
+            ],
             [((50, yc - 6, 4), 7 * s), ((self.z_top + 60, yc - 14, -14 * s), 6.5 * s)],
             [((52, yc - 2, 12 * s), 4.5 * s), ((self.z_top + 60, yc - 4, 22 * s), 4.5 * s)],
-            [((48, yc + 12, 20 * s), 5.5 * s), ((self.z_top + 20, yc + 14, 36 * s), 5.5 * s),
-             ((self.z_top + 10, yc - 5, 75 * s), 5 * s)],
+            [
+                ((48, yc + 12, 20 * s), 5.5 * s),
+                ((self.z_top + 20, yc + 14, 36 * s), 5.5 * s),
+                ((self.z_top + 10, yc - 5, 75 * s), 5 * s),
+            ],
             # inferior vena cava, azygos
-            [((hz - 30, yc + 2, -18 * s), 12 * s), ((self.z_dome_r - 200, yc + 22, -20 * s), 11 * s)],
-            [((self.z_dome_r - 150, yc + 52, -12 * s), 4 * s), ((-5, yc + 50, -14 * s), 4 * s),
-             ((10, yc + 20, -18 * s), 5 * s), ((10, yc + 5, -22 * s), 6 * s)],
+            [
+                ((hz - 30, yc + 2, -18 * s), 12 * s),
+                ((self.z_dome_r - 200, yc + 22, -20 * s), 11 * s),
+            ],
+            [
+                ((self.z_dome_r - 150, yc + 52, -12 * s), 4 * s),
+                ((-5, yc + 50, -14 * s), 4 * s),
+                ((10, yc + 20, -18 * s), 5 * s),
+                ((10, yc + 5, -22 * s), 6 * s),
+            ],
         ]
-        oesophagus = [[((self.z_top + 60, yc + 34, 2), 8 * s), ((0, yc + 38, 6), 8 * s),
-                       ((self.z_dome_l - 30, yc + 32, 16 * s), 9 * s)]]
+        oesophagus = [
+            [
+                ((self.z_top + 60, yc + 34, 2), 8 * s),
+                ((0, yc + 38, 6), 8 * s),
+                ((self.z_dome_l - 30, yc + 32, 16 * s), 9 * s),
+            ]
+        ]
         airway = [
-            [((self.z_top + 80, yc + 4, 0.0), 9.5 * s), ((self.z_top - 20, yc + 10, 0.0), 9.5 * s),
-             ((0.0, yc + 18, 1.0), 9.0 * s)],
+            [
+                ((self.z_top + 80, yc + 4, 0.0), 9.5 * s),
+                ((self.z_top - 20, yc + 10, 0.0), 9.5 * s),
+                ((0.0, yc + 18, 1.0), 9.0 * s),
+            ],
             [((0.0, yc + 18, 1.0), 7.2 * s), ((-20 * s, yc + 16, -38 * s), 6.2 * s)],
             [((0.0, yc + 18, 1.0), 6.8 * s), ((-40 * s, yc + 26, 46 * s), 5.8 * s)],
         ]
@@ -436,7 +527,9 @@ class Patient:
         sdf, lobes = _lung_fields(self, z, y, x, np.float32(1.0))
         return sdf, lobes
 
-    def lung_sdf_grid(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lung_sdf_grid(
+        self, z: np.ndarray, y: np.ndarray, x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The same on the grid z x y x x (sorted 1D axes, mm): tubes only in their boxes."""
         Z = np.asarray(z, np.float32)[:, None, None]
         Y = np.asarray(y, np.float32)[None, :, None]
@@ -491,8 +584,11 @@ def _heart_sdf(p: Patient, z, y, x):
     acc = None
     for k in range(3):
         rr = p.heart_rot[k]
-        u = (dz * np.float32(rr[0] / p.heart_ax[k]) + dy * np.float32(rr[1] / p.heart_ax[k])
-             + dx * np.float32(rr[2] / p.heart_ax[k]))
+        u = (
+            dz * np.float32(rr[0] / p.heart_ax[k])
+            + dy * np.float32(rr[1] / p.heart_ax[k])
+            + dx * np.float32(rr[2] / p.heart_ax[k])
+        )
         acc = u * u if acc is None else acc + u * u
     return (np.sqrt(acc) - 1.0) * np.float32(p.heart_ax[1])
 
@@ -502,8 +598,8 @@ def _mediastinum_sdf(p: Patient, z, y, x, *, with_tubes: bool = True, heart: boo
     _a, b, yc = p.cavity(z)
     t = np.clip((y - (yc - 50.0)) / 30.0, 0.0, 1.0)
     # anterior junction line below the arch; great vessels and thymic fat above it
-    w_ant = 3.0 + 20.0 * np.clip((z - 30.0) / 50.0, 0.0, 1.0)
-    w_post = (17.0 + 8.0 * np.clip((z + 10.0) / 40.0, 0.0, 1.0)) * p.s
+    w_ant = 3.0 + 27.0 * np.clip((z - 25.0) / 45.0, 0.0, 1.0)
+    w_post = (17.0 + 13.0 * np.clip((z + 10.0) / 50.0, 0.0, 1.0)) * p.s
     w = w_ant + t * (w_post - w_ant)
     sdf = np.abs(x - np.float32(p.med_x)) - w
     # spine and the paravertebral block behind the front of the vertebral body
@@ -559,7 +655,9 @@ def _tubes_min(p: Patient, med, Z, Y, X, edge: float) -> None:
                     continue
                 zs, ys, xs = sl
                 v = med[zs, ys, xs]
-                np.minimum(v, _capsule_sdf(Z[zs], Y[:, ys], X[:, :, xs], q0, q1, r0 + 3.0, r1 + 3.0), out=v)
+                np.minimum(
+                    v, _capsule_sdf(Z[zs], Y[:, ys], X[:, :, xs], q0, q1, r0 + 3.0, r1 + 3.0), out=v
+                )
 
 
 def _lobes(p: Patient, z, y, x, right, lung) -> np.ndarray:
@@ -590,7 +688,9 @@ class _Grid:
     def make(p: Patient, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> _Grid:
         centre = np.array([p.z_centre, 0.0, 0.0]) + p.offset
         axes = [
-            (centre[i] + (np.arange(shape[i]) - (shape[i] - 1) / 2.0) * spacing[i]).astype(np.float32)
+            (centre[i] + (np.arange(shape[i]) - (shape[i] - 1) / 2.0) * spacing[i]).astype(
+                np.float32
+            )
             for i in range(3)
         ]
         edge = max(0.75, 0.6 * max(spacing[1], spacing[2]), 0.35 * spacing[0])
@@ -628,8 +728,15 @@ class _Acquisition:
 # ============================================================================ trees
 
 
-def _space_fill(points: np.ndarray, groups: np.ndarray, starts: np.ndarray, *, r_term: float,
-                frac: float, n_min: int) -> np.ndarray:
+def _space_fill(
+    points: np.ndarray,
+    groups: np.ndarray,
+    starts: np.ndarray,
+    *,
+    r_term: float,
+    frac: float,
+    n_min: int,
+) -> np.ndarray:
     """Space-filling branching (after Tawhai et al.): from each start, grow towards the centroid
     of the points it supplies, split them in two by their principal axis, recurse.
 
@@ -686,7 +793,9 @@ class _Trees:
     airway_lumen: np.ndarray
 
 
-def _jittered_points(p: Patient, r: np.random.Generator, cell: float) -> tuple[np.ndarray, np.ndarray]:
+def _jittered_points(
+    p: Patient, r: np.random.Generator, cell: float
+) -> tuple[np.ndarray, np.ndarray]:
     """About one point per cell inside the lungs, with their lobe labels."""
     lo = np.array([p.z_bottom - 5, p.cav_yc - p.cav_b - 5, -p.cav_a - 5])
     hi = np.array([p.z_top + 5, p.cav_yc + p.cav_b + 25, p.cav_a + 5])
@@ -746,7 +855,9 @@ def _make_trees(p: Patient, r_min: float) -> _Trees:
             big_l.append([*q0, *q1, r0 - 2.0, r1 - 1.8])
     vessels = np.concatenate(segs, axis=0)
     vessels = vessels[vessels[:, 6] >= r_min]
-    return _Trees(vessels, np.concatenate([outer, np.array(big_o)]), np.concatenate([lumen, np.array(big_l)]))
+    return _Trees(
+        vessels, np.concatenate([outer, np.array(big_o)]), np.concatenate([lumen, np.array(big_l)])
+    )
 
 
 def _draw_capsules(out: np.ndarray, grid: _Grid, segs: np.ndarray, w: float) -> None:
@@ -765,7 +876,10 @@ def _draw_capsules(out: np.ndarray, grid: _Grid, segs: np.ndarray, w: float) -> 
     i1 = np.clip(np.ceil((hi - first) / sp).astype(int) + 1, 0, np.array(grid.shape))
     ok = np.all(i1 > i0, axis=1)
     inv_w = np.float32(1.0 / w)
-    for k in np.flatnonzero(ok):
+    # small boxes in vectorised batches (Python overhead would dominate), large ones one by one
+    small = ok & np.all(i1 - i0 <= SMALL_BOX, axis=1)
+    _draw_small(out, first, sp, segs[small], i0[small], i1[small], inv_w)
+    for k in np.flatnonzero(ok & ~small):
         a0, b0, c0 = i0[k]
         a1, b1, c1 = i1[k]
         q = p0[k]
@@ -786,6 +900,59 @@ def _draw_capsules(out: np.ndarray, grid: _Grid, segs: np.ndarray, w: float) -> 
         np.clip(occ, 0.0, 1.0, out=occ)
         view = out[a0:a1, b0:b1, c0:c1]
         np.maximum(view, (occ * 255.0 + 0.5).astype(np.uint8), out=view)
+
+
+SMALL_BOX = 8
+"""Capsules whose box spans at most this many voxels per axis are drawn in batches."""
+
+
+def _draw_small(
+    out: np.ndarray,
+    first: np.ndarray,
+    sp: np.ndarray,
+    segs: np.ndarray,
+    i0: np.ndarray,
+    i1: np.ndarray,
+    inv_w: np.float32,
+    chunk: int = 1024,
+) -> None:
+    """The same as the loop of :func:`_draw_capsules`, for many small boxes at once: every box is
+    padded to the batch's largest extent, invalid voxels are dropped, and the occupancies are
+    max-composited with ``np.maximum.at`` (so overlapping boxes combine exactly as in the loop)."""
+    if len(segs) == 0:
+        return
+    order = np.lexsort(
+        ((i1 - i0)[:, 2], (i1 - i0)[:, 1], (i1 - i0)[:, 0])
+    )  # similar boxes together
+    segs, i0, i1 = segs[order], i0[order], i1[order]
+    flat_out = out.reshape(-1)
+    ny, nx = out.shape[1], out.shape[2]
+    f32 = np.float32
+    for c0 in range(0, len(segs), chunk):
+        sg = segs[c0 : c0 + chunk]
+        a0 = i0[c0 : c0 + chunk]
+        a1 = i1[c0 : c0 + chunk]
+        ext = (a1 - a0).max(axis=0)
+        offs = np.indices(tuple(int(e) for e in ext)).reshape(3, -1)
+        idx = a0[:, :, None] + offs[None]
+        valid = np.all(idx < a1[:, :, None], axis=1)
+        c = (first[None, :, None] + idx * sp[None, :, None]).astype(np.float32)
+        q = sg[:, 0:3].astype(np.float32)[:, :, None]
+        d = (sg[:, 3:6] - sg[:, 0:3]).astype(np.float32)
+        l2 = np.maximum((d * d).sum(axis=1), f32(1e-9))[:, None]
+        rel = c - q
+        t = np.einsum("mkv,mk->mv", rel, d) / l2
+        np.clip(t, 0.0, 1.0, out=t)
+        e = rel - t[:, None, :] * d[:, :, None]
+        dist = np.sqrt(np.einsum("mkv,mkv->mv", e, e))
+        r0 = sg[:, 6].astype(np.float32)[:, None]
+        r1 = sg[:, 7].astype(np.float32)[:, None]
+        occ = (r0 + t * (r1 - r0) - dist) * inv_w + f32(0.5)
+        np.clip(occ, 0.0, 1.0, out=occ)
+        v = (occ * f32(255.0) + f32(0.5)).astype(np.uint8)
+        keep = valid & (v > 0)
+        flat = (idx[:, 0] * ny + idx[:, 1]) * nx + idx[:, 2]
+        np.maximum.at(flat_out, flat[keep], v[keep])
 
 
 # ============================================================================ smooth fields
@@ -858,8 +1025,9 @@ def _slice_profile(thickness: float, step: float) -> np.ndarray:
     return w[keep], taps[keep]
 
 
-def _noise_planes(r: np.random.Generator, ny: int, nx: int, sy: float, sx: float, cutoff: float,
-                  count: int = 8) -> tuple[np.ndarray, float]:
+def _noise_planes(
+    r: np.random.Generator, ny: int, nx: int, sy: float, sx: float, cutoff: float, count: int = 8
+) -> tuple[np.ndarray, float]:
     """Periodic noise planes with a CT-like power spectrum (ramp times apodisation, so the
     texture is correlated, not white), unit variance at the native resolution; also the fraction
     of the native noise power this grid can hold (coarse grids average the noise away)."""
@@ -885,7 +1053,9 @@ class _Renderer:
     """Draws one phantom: trees, smooth fields and lesions first, then the anatomy slab by slab,
     then slice thickness, motion, the reconstruction circle and the conversion to int16."""
 
-    def __init__(self, p: Patient, g: _Grid, acq: _Acquisition, severity: str, day: int, motion: bool):
+    def __init__(
+        self, p: Patient, g: _Grid, acq: _Acquisition, severity: str, day: int, motion: bool
+    ):
         self.p, self.g, self.acq = p, g, acq
         self.severity, self.day, self.motion = severity, day, motion
         self.inv_w = np.float32(1.0 / g.edge)
@@ -899,7 +1069,9 @@ class _Renderer:
         self.tree_box = self._box_of(np.concatenate([trees.vessels, trees.airway_outer]))
         bz, by, bx = self.tree_box
         shape = (bz[1] - bz[0], by[1] - by[0], bx[1] - bx[0])
-        sub = _Grid(shape, g.spacing, g.z[bz[0]:bz[1]], g.y[by[0]:by[1]], g.x[bx[0]:bx[1]], g.edge)
+        sub = _Grid(
+            shape, g.spacing, g.z[bz[0] : bz[1]], g.y[by[0] : by[1]], g.x[bx[0] : bx[1]], g.edge
+        )
         self.vessel = np.zeros(shape, np.uint8)
         self.wall = np.zeros(shape, np.uint8)
         self.lumen = np.zeros(shape, np.uint8)
@@ -908,8 +1080,13 @@ class _Renderer:
             _draw_capsules(self.wall, sub, trees.airway_outer, g.edge)
             _draw_capsules(self.lumen, sub, trees.airway_lumen, g.edge)
         tr = _rng(p.seed, _TAG["texture"])
-        self.texture = _SmoothField(tr, (p.z_bottom - 250.0, -300.0, -300.0),
-                                    (p.z_top + 250.0, 300.0, 300.0), 9.0, channels=2)
+        self.texture = _SmoothField(
+            tr,
+            (p.z_bottom - 250.0, -300.0, -300.0),
+            (p.z_top + 250.0, 300.0, 300.0),
+            9.0,
+            channels=2,
+        )
         self.lesion = None
         if _lesions.disease_course(p.seed, self.severity).plo_pct(self.day) > 0:
             lo = (p.z_bottom - 8.0, p.cav_yc - p.cav_b - 12.0, -p.cav_a - 12.0)
@@ -954,8 +1131,11 @@ class _Renderer:
         pad = np.maximum(Y - (y_top + f32(5.0) + curve), (y_top + curve) - Y)
         _paint(bg, _soft(pad, self.inv_w) * f32(0.9), f32(-880.0))
         _paint(bg, _soft(np.abs(Y - (y_top + f32(6.0) + curve)) - f32(1.2), self.inv_w), f32(180.0))
-        _paint(bg, _soft(np.abs(Y - (y_top + f32(42.0) + curve * f32(1.2))) - f32(1.8), self.inv_w),
-               f32(260.0))
+        _paint(
+            bg,
+            _soft(np.abs(Y - (y_top + f32(42.0) + curve * f32(1.2))) - f32(1.8), self.inv_w),
+            f32(260.0),
+        )
         self.bg = bg
         front = p.body_yc - p.body_b - 8.0 - (50.0 if p.breast else 0.0)
         half = p.body_half_width + 8.0
@@ -1056,13 +1236,29 @@ class _Renderer:
             mc = _soft(dcc, iw)
             # above the lung tops the thoracic inlet holds muscle and vessels, not fat
             neck = np.clip((Z - self.cap2[None] + f32(8.0)) * f32(1 / 25.0), 0.0, 1.0)
-            _paint(cav, mc, f32(FAT_HU) + f32(10.0) * texc[0] + neck * (f32(125.0) + f32(12.0) * texc[1]))
+            _paint(
+                cav,
+                mc,
+                f32(FAT_HU) + f32(10.0) * texc[0] + neck * (f32(125.0) + f32(12.0) * texc[1]),
+            )
             zd = self.dome2[None]
             self._abdomen(cav, Z, Yc, Xc, zd, mc, texc)
             self._mediastinum(cav, Z, Yc, Xc)
             self._spine(hu, Z, k0)
             if p.z_bottom - 5.0 <= float(g.z[k1 - 1]) and float(g.z[k0]) <= p.z_top + 5.0:
-                self._lungs(cav, lobes[:, cy, cx], opac[:, cy, cx], Z, Yc, Xc, dcc, yp[:, csl[1]], texc, k0, k1)
+                self._lungs(
+                    cav,
+                    lobes[:, cy, cx],
+                    opac[:, cy, cx],
+                    Z,
+                    Yc,
+                    Xc,
+                    dcc,
+                    yp[:, csl[1]],
+                    texc,
+                    k0,
+                    k1,
+                )
             else:
                 self._trees(hu, k0, k1)
         else:
@@ -1099,8 +1295,11 @@ class _Renderer:
         obl = self.obl2[None]
         hor = self.hor2[None]
         below_obl = Z < obl
-        lob = np.where(below_obl, np.where(right, f32(Lobe.RLL), f32(Lobe.LLL)),
-                       np.where(right, np.where(Z < hor, f32(Lobe.RML), f32(Lobe.RUL)), f32(Lobe.LUL)))
+        lob = np.where(
+            below_obl,
+            np.where(right, f32(Lobe.RLL), f32(Lobe.LLL)),
+            np.where(right, np.where(Z < hor, f32(Lobe.RML), f32(Lobe.RUL)), f32(Lobe.LUL)),
+        )
         lobes[:] = np.where(lung, lob, f32(0)).astype(np.uint8)
         # fissures: thin denser lines, amplitude conserving the partial volume of a ~0.3 mm sheet
         width = max(self.g.edge, 0.5 * self.g.spacing[0], 0.7)
@@ -1118,12 +1317,19 @@ class _Renderer:
         if self.lesion is not None:
             g = self.g
             air = self._lumen_block(k0, k1)
-            lab = self.lesion.apply(cav, lung, g.z[k0:k1], g.y[self.cav_y], g.x[self.cav_x],
-                                    baseline=np.broadcast_to(par, cav.shape), air=air)
+            lab = self.lesion.apply(
+                cav,
+                lung,
+                g.z[k0:k1],
+                g.y[self.cav_y],
+                g.x[self.cav_x],
+                baseline=np.broadcast_to(par, cav.shape),
+                air=air,
+            )
             opac[:] = lab
 
     def _lumen_block(self, k0, k1) -> np.ndarray | None:
-        """Airway lumen occupancy (0-1) over the cavity box of slices k0:k1, for air bronchograms."""
+        """Airway lumen occupancy (0-1) over the cavity box of slices k0:k1 (air bronchograms)."""
         (bz0, bz1), (by0, by1), (bx0, bx1) = self.tree_box
         cy, cx = self.cav_y, self.cav_x
         out = np.zeros((k1 - k0, cy.stop - cy.start, cx.stop - cx.start), np.float32)
@@ -1132,8 +1338,10 @@ class _Renderer:
         x0, x1 = max(cx.start, bx0), min(cx.stop, bx1)
         if b <= a or y1 <= y0 or x1 <= x0:
             return out
-        out[a - k0:b - k0, y0 - cy.start:y1 - cy.start, x0 - cx.start:x1 - cx.start] = (
-            self.lumen[a - bz0:b - bz0, y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] * np.float32(1 / 255.0))
+        out[a - k0 : b - k0, y0 - cy.start : y1 - cy.start, x0 - cx.start : x1 - cx.start] = (
+            self.lumen[a - bz0 : b - bz0, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+            * np.float32(1 / 255.0)
+        )
         return out
 
     # ------------------------------------------------------------------ pieces
@@ -1147,8 +1355,11 @@ class _Renderer:
             cy = p.body_yc - p.body_b + 24.0
             cx = side * 82.0 * p.s
             rz, ry, rx = 62.0 * s, 30.0 * s, 78.0 * s
-            d = np.sqrt(((Z - f32(cz)) / f32(rz)) ** 2 + ((Y - f32(cy)) / f32(ry)) ** 2
-                        + ((X - f32(cx)) / f32(rx)) ** 2)
+            d = np.sqrt(
+                ((Z - f32(cz)) / f32(rz)) ** 2
+                + ((Y - f32(cy)) / f32(ry)) ** 2
+                + ((X - f32(cx)) / f32(rx)) ** 2
+            )
             sd = (d - f32(1.0)) * f32(ry)
             out = sd if out is None else np.minimum(out, sd)
         return out
@@ -1157,7 +1368,9 @@ class _Renderer:
         """Ribs, costal cartilage, scapulae (on the wall band only), sternum and clavicles."""
         p, iw = self.p, self.inv_w
         f32 = np.float32
-        band = (dc > f32(-2.0)) & ((dc < f32(16.0)) | ((dc < f32(30.0 + p.muscle)) & (cphi > f32(0.1))))
+        band = (dc > f32(-2.0)) & (
+            (dc < f32(16.0)) | ((dc < f32(30.0 + p.muscle)) & (cphi > f32(0.1)))
+        )
         if band.any():
             idx = np.nonzero(band)
             d = dc[idx]
@@ -1165,7 +1378,9 @@ class _Renderer:
             zb = np.broadcast_to(Z, dc.shape)[idx]
             old = body[idx]
             # ribs run level beside the spine, fall steeply at the side, level out in front
-            zr = zb + f32(p.rib_drop * 0.5) * (f32(1.0) - np.tanh(c * f32(2.2)) * f32(1.0 / math.tanh(2.2)))
+            zr = zb + f32(p.rib_drop * 0.5) * (
+                f32(1.0) - np.tanh(c * f32(2.2)) * f32(1.0 / math.tanh(2.2))
+            )
             u = (f32(p.z_top - 8.0) - zr) / f32(p.rib_pitch) + f32(p.rib_phase)
             k = np.floor(u)
             frac = (u - k - f32(0.5)) * f32(p.rib_pitch)
@@ -1193,7 +1408,9 @@ class _Renderer:
         if float(Z.min()) <= zt + 40.0 and float(Z.max()) >= zb_ - 5.0:
             half_w = np.where(Z > zt - f32(50.0), f32(24.0), f32(14.0)) * f32(p.s)
             ys = yc - b - f32(8.0)
-            ell = (np.sqrt((X / half_w) ** 2 + ((Y - ys) * f32(1 / 6.0)) ** 2) - f32(1.0)) * f32(6.0)
+            ell = (np.sqrt((X / half_w) ** 2 + ((Y - ys) * f32(1 / 6.0)) ** 2) - f32(1.0)) * f32(
+                6.0
+            )
             sd = np.maximum(ell, np.maximum(Z - zt, zb_ - Z))
             _paint(body, _soft(sd, iw), f32(MARROW_HU) + _soft(-(sd + f32(1.2)), iw) * f32(500.0))
         for side in (-1.0, 1.0):
@@ -1204,7 +1421,11 @@ class _Renderer:
                 continue
             zs, ys_, xs = sl
             sd = _capsule_sdf(Z[zs], Y[:, ys_], X[:, :, xs], q0, q1, 7.0 * p.s, 7.5 * p.s)
-            _paint(body[zs, ys_, xs], _soft(sd, iw), f32(MARROW_HU) + _soft(-(sd + f32(1.5)), iw) * f32(550.0))
+            _paint(
+                body[zs, ys_, xs],
+                _soft(sd, iw),
+                f32(MARROW_HU) + _soft(-(sd + f32(1.5)), iw) * f32(550.0),
+            )
 
     def _abdomen(self, cav, Z, Y, X, zd, mc, tex):
         p, iw = self.p, self.inv_w
@@ -1222,15 +1443,21 @@ class _Renderer:
         liver_edge = X - (f32(35.0 * p.s) - f32(0.35) * (Y - f32(p.cav_yc)))
         _paint(cav, inner * _soft(liver_edge, iw), f32(LIVER_HU) + f32(4.0) * tex[1])
         st_c = (p.z_dome_l - 40.0, p.cav_yc - 12.0, 68.0 * p.s)
-        d = np.sqrt(((Z - f32(st_c[0])) / f32(42.0)) ** 2 + ((Y - f32(st_c[1])) / f32(40.0)) ** 2
-                    + ((X - f32(st_c[2])) / f32(40.0)) ** 2)
+        d = np.sqrt(
+            ((Z - f32(st_c[0])) / f32(42.0)) ** 2
+            + ((Y - f32(st_c[1])) / f32(40.0)) ** 2
+            + ((X - f32(st_c[2])) / f32(40.0)) ** 2
+        )
         sd = (d - f32(1.0)) * f32(40.0)
         _paint(cav, _soft(sd, iw) * inner, f32(35.0))
         air = _soft(Y - f32(st_c[1] - 18.0), iw)
         _paint(cav, _soft(sd + f32(3.0), iw) * inner, f32(12.0) + air * f32(-1010.0))
         sp_c = (p.z_dome_l - 45.0, p.cav_yc + 55.0, 92.0 * p.s)
-        d = np.sqrt(((Z - f32(sp_c[0])) / f32(50.0)) ** 2 + ((Y - f32(sp_c[1])) / f32(38.0)) ** 2
-                    + ((X - f32(sp_c[2])) / f32(24.0)) ** 2)
+        d = np.sqrt(
+            ((Z - f32(sp_c[0])) / f32(50.0)) ** 2
+            + ((Y - f32(sp_c[1])) / f32(38.0)) ** 2
+            + ((X - f32(sp_c[2])) / f32(24.0)) ** 2
+        )
         _paint(cav, _soft((d - f32(1.0)) * f32(24.0), iw) * inner, f32(SPLEEN_HU))
 
     def _seg_box(self, q0, q1, rad, Z, Y, X):
@@ -1296,9 +1523,13 @@ class _Renderer:
         ring = _soft(np.abs(dr - f32(10.5)) - f32(2.8), iw) * (Y > cy - f32(6.0))
         _paint(view, ring, f32(650.0))
         _paint(view, _soft(dr - f32(7.5), iw), f32(30.0))
-        spin = np.maximum(np.abs(X) - f32(3.5), np.maximum(cy + f32(12.0) - Y, Y - (cy + f32(30.0 * p.s))))
+        spin = np.maximum(
+            np.abs(X) - f32(3.5), np.maximum(cy + f32(12.0) - Y, Y - (cy + f32(30.0 * p.s)))
+        )
         _paint(view, _soft(spin, iw), f32(500.0))
-        trans = np.maximum(np.abs(Y - cy + f32(2.0)) - f32(5.0), np.abs(np.abs(X) - f32(22.0)) - f32(12.0))
+        trans = np.maximum(
+            np.abs(Y - cy + f32(2.0)) - f32(5.0), np.abs(np.abs(X) - f32(22.0)) - f32(12.0)
+        )
         trans = np.maximum(trans, np.abs(ph - f32(15.0)) - f32(8.0))
         _paint(view, _soft(trans, iw), f32(450.0))
 
@@ -1309,10 +1540,14 @@ class _Renderer:
         if b <= a:
             return
         f32 = np.float32
-        view = hu[a - k0:b - k0, by0:by1, bx0:bx1]
+        view = hu[a - k0 : b - k0, by0:by1, bx0:bx1]
         s = f32(1.0 / 255.0)
-        for occ, value in ((self.vessel, BLOOD_HU), (self.wall, AIRWAY_WALL_HU), (self.lumen, AIR_HU + 5.0)):
-            o = occ[a - bz0:b - bz0]
+        for occ, value in (
+            (self.vessel, BLOOD_HU),
+            (self.wall, AIRWAY_WALL_HU),
+            (self.lumen, AIR_HU + 5.0),
+        ):
+            o = occ[a - bz0 : b - bz0]
             if not o.any():
                 continue
             m = o.astype(np.float32)
@@ -1327,8 +1562,8 @@ class _Renderer:
         for i in range(hu.shape[0]):
             k = k0 + i
             (p1, p2), (o1, o2), (c1, c2) = self.noise_pick[k], self.noise_off[k], self.noise_mix[k]
-            n = self.planes[p1, o1[0]:o1[0] + ny, o1[1]:o1[1] + nx] * (pre * c1)
-            n += self.planes[p2, o2[0]:o2[0] + ny, o2[1]:o2[1] + nx] * (pre * c2)
+            n = self.planes[p1, o1[0] : o1[0] + ny, o1[1] : o1[1] + nx] * (pre * c1)
+            n += self.planes[p2, o2[0] : o2[0] + ny, o2[1] : o2[1] + nx] * (pre * c2)
             if body is None:
                 hu[i] += n * np.float32(0.75)
                 continue
@@ -1362,16 +1597,28 @@ class _Renderer:
             opac[:, outside] = 0
         opac[lobes == 0] = 0
         # rounded to what a DICOM decimal string holds, so the written geometry is exact
-        origin = (round(float(g.x[0]), 6), round(float(g.y[0]), 6), round(float(g.z[0]) + p.table_z, 6))
+        origin = (
+            round(float(g.x[0]), 6),
+            round(float(g.y[0]), 6),
+            round(float(g.z[0]) + p.table_z, 6),
+        )
         course = _lesions.disease_course(p.seed, self.severity)
         meta = {
-            "seed": p.seed, "severity": self.severity, "day": self.day,
+            "seed": p.seed,
+            "severity": self.severity,
+            "day": self.day,
             "days_since_onset": course.days_since_onset(self.day),
             "target_plo_pct": course.plo_pct(self.day),
-            "patient_id": p.patient_id, "patient_sex": p.sex, "patient_age": p.age,
-            "manufacturer": acq.vendor["manufacturer"], "model": acq.vendor["model"],
-            "kernel": acq.kernel, "kvp": acq.kvp, "thickness": acq.thickness,
-            "noise_sd": round(self.noise_sd, 2), "motion": self.motion,
+            "patient_id": p.patient_id,
+            "patient_sex": p.sex,
+            "patient_age": p.age,
+            "manufacturer": acq.vendor["manufacturer"],
+            "model": acq.vendor["model"],
+            "kernel": acq.kernel,
+            "kvp": acq.kvp,
+            "thickness": acq.thickness,
+            "noise_sd": round(self.noise_sd, 2),
+            "motion": self.motion,
             "lesions": 0 if self.lesion is None else len(self.lesion.lesions),
         }
         return Phantom(out, lobes, opac, tuple(float(s) for s in g.spacing), origin, meta)

@@ -58,14 +58,21 @@ def _say(message: str) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.severity not in ph.SEVERITIES:
-        raise _refuse(f"--severity must be one of {', '.join(ph.SEVERITIES)}, got {args.severity!r}")
+        raise _refuse(
+            f"--severity must be one of {', '.join(ph.SEVERITIES)}, got {args.severity!r}"
+        )
     if not isinstance(args.seed, int) or not 0 <= args.seed < 2**63:
         raise _refuse(f"--seed must be an integer in [0, 2**63), got {args.seed!r}")
     if not MIN_SLICES <= args.slices <= MAX_SLICES:
         raise _refuse(f"--slices must be in [{MIN_SLICES}, {MAX_SLICES}], got {args.slices}")
-    if args.thickness is not None and not THICKNESS_RANGE[0] <= args.thickness <= THICKNESS_RANGE[1]:
-        raise _refuse(f"--thickness must be in [{THICKNESS_RANGE[0]}, {THICKNESS_RANGE[1]}] mm, "
-                      f"got {args.thickness}")
+    if (
+        args.thickness is not None
+        and not THICKNESS_RANGE[0] <= args.thickness <= THICKNESS_RANGE[1]
+    ):
+        raise _refuse(
+            f"--thickness must be in [{THICKNESS_RANGE[0]}, {THICKNESS_RANGE[1]}] mm, "
+            f"got {args.thickness}"
+        )
     if not 0 <= args.follow_up <= MAX_FOLLOW_UP:
         raise _refuse(f"--follow-up must be in [0, {MAX_FOLLOW_UP}], got {args.follow_up}")
     out = Path(args.outdir)
@@ -84,7 +91,9 @@ def study_days(seed: int, follow_up: int) -> list[int]:
     return days
 
 
-def grid_for(seed: int, slices: int, thickness: float | None) -> tuple[tuple[float, float, float], float]:
+def grid_for(
+    seed: int, slices: int, thickness: float | None
+) -> tuple[tuple[float, float, float], float]:
     """(spacing, thickness): a display FOV that holds the body, a z step that covers the lungs
     with margins in ``slices`` slices, and a vendor slice thickness at least that step."""
     s = ph.patient_summary(seed)
@@ -143,29 +152,57 @@ def _phantoms(args: argparse.Namespace) -> int:
     for k, day in enumerate(days):
         t0 = time.perf_counter()
         where = out if args.follow_up == 0 else out / f"study{k}_day{day:03d}"
-        _say(f"phantom: study {k + 1}/{len(days)} (day {day}), synthesising {shape[0]}x{shape[1]}x{shape[2]}")
-        phantom = ph.synthesize(seed, severity, spacing=spacing, shape=shape, thickness=thickness, day=day,
-                                motion=bool(args.motion))
+        _say(
+            f"phantom: study {k + 1}/{len(days)} (day {day}), "
+            f"synthesising {shape[0]}x{shape[1]}x{shape[2]}"
+        )
+        phantom = ph.synthesize(
+            seed,
+            severity,
+            spacing=spacing,
+            shape=shape,
+            thickness=thickness,
+            day=day,
+            motion=bool(args.motion),
+        )
         meta = phantom.meta
         date = base + dt.timedelta(days=day)
         study_uid = ct_writer.uid_from("phantom", seed, "study", day)
-        series_uid = ct_writer.uid_from("phantom", seed, severity, "series", day, args.slices, thickness,
-                                        bool(args.motion))
+        series_uid = ct_writer.uid_from(
+            "phantom", seed, severity, "series", day, args.slices, thickness, bool(args.motion)
+        )
         header = ct_writer.SeriesHeader(
-            patient_id=meta["patient_id"], patient_name=f"PHANTOM^SEED{seed}", patient_sex=meta["patient_sex"],
-            patient_birth_date=birth.strftime("%Y%m%d"), patient_age_years=int(meta["patient_age"]),
-            study_instance_uid=study_uid, series_instance_uid=series_uid,
+            patient_id=meta["patient_id"],
+            patient_name=f"PHANTOM^SEED{seed}",
+            patient_sex=meta["patient_sex"],
+            patient_birth_date=birth.strftime("%Y%m%d"),
+            patient_age_years=int(meta["patient_age"]),
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
             frame_of_reference_uid=ct_writer.uid_from("phantom", seed, "for", day),
-            study_date=date.strftime("%Y%m%d"), study_time=study_time,
-            accession_number=f"A{seed % 10**7:07d}{k:02d}", study_id=f"{k + 1}",
-            series_number=2 + k % 3, manufacturer=meta["manufacturer"], model=meta["model"],
-            kernel=meta["kernel"], kvp=float(meta["kvp"]), slice_thickness=thickness,
+            study_date=date.strftime("%Y%m%d"),
+            study_time=study_time,
+            accession_number=f"A{seed % 10**7:07d}{k:02d}",
+            study_id=f"{k + 1}",
+            series_number=2 + k % 3,
+            manufacturer=meta["manufacturer"],
+            model=meta["model"],
+            kernel=meta["kernel"],
+            kvp=float(meta["kvp"]),
+            slice_thickness=thickness,
         )
         _say(f"phantom: writing {shape[0]} slices to {where}")
-        paths = ct_writer.write_ct_series(where, phantom.hu, phantom.spacing, phantom.origin, header)
+        paths = ct_writer.write_ct_series(
+            where, phantom.hu, phantom.spacing, phantom.origin, header
+        )
         voxel_ml = float(np.prod(phantom.spacing)) / 1000.0
-        np.savez_compressed(where / "truth.npz", lobes=phantom.lobes, opacity=phantom.opacity,
-                            spacing=np.array(phantom.spacing), origin=np.array(phantom.origin))
+        np.savez_compressed(
+            where / "truth.npz",
+            lobes=phantom.lobes,
+            opacity=phantom.opacity,
+            spacing=np.array(phantom.spacing),
+            origin=np.array(phantom.origin),
+        )
         q = quantify(phantom.lobes, phantom.opacity, voxel_ml, hu=phantom.hu)
         truth = {
             "kind": "phantom",
@@ -174,24 +211,48 @@ def _phantoms(args: argparse.Namespace) -> int:
             "regions": q["regions"],
             "severity_score": q["severity_score"],
             "phantom": meta,
-            "scan": {"shape": list(phantom.hu.shape), "spacing_mm": list(phantom.spacing),
-                     "origin_lps_mm": list(phantom.origin), "slice_thickness_mm": thickness,
-                     "study_instance_uid": study_uid, "series_instance_uid": series_uid,
-                     "study_date": header.study_date, "files": len(paths)},
+            "scan": {
+                "shape": list(phantom.hu.shape),
+                "spacing_mm": list(phantom.spacing),
+                "origin_lps_mm": list(phantom.origin),
+                "slice_thickness_mm": thickness,
+                "study_instance_uid": study_uid,
+                "series_instance_uid": series_uid,
+                "study_date": header.study_date,
+                "files": len(paths),
+            },
         }
         _write_json(where / "truth.json", truth)
         whole = q["regions"]["whole"]
-        studies.append({"folder": str(where.relative_to(out)) if where != out else ".", "day": day,
-                        "study_instance_uid": study_uid, "series_instance_uid": series_uid,
-                        "study_date": header.study_date, "plo_pct": whole["plo_pct"],
-                        "lung_ml": whole["lung_ml"]})
-        _say(f"phantom: day {day}: lung {whole['lung_ml']:.0f} ml, PLO {whole['plo_pct']:.2f} % "
-             f"({time.perf_counter() - t0:.1f} s)")
-    _write_json(out / "phantom.json", {
-        "kind": "phantom", "seed": seed, "severity": severity, "patient": summary,
-        "spacing_mm": list(spacing), "slice_thickness_mm": thickness, "shape": list(shape),
-        "motion": bool(args.motion), "studies": studies,
-    })
+        studies.append(
+            {
+                "folder": str(where.relative_to(out)) if where != out else ".",
+                "day": day,
+                "study_instance_uid": study_uid,
+                "series_instance_uid": series_uid,
+                "study_date": header.study_date,
+                "plo_pct": whole["plo_pct"],
+                "lung_ml": whole["lung_ml"],
+            }
+        )
+        _say(
+            f"phantom: day {day}: lung {whole['lung_ml']:.0f} ml, PLO {whole['plo_pct']:.2f} % "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+    _write_json(
+        out / "phantom.json",
+        {
+            "kind": "phantom",
+            "seed": seed,
+            "severity": severity,
+            "patient": summary,
+            "spacing_mm": list(spacing),
+            "slice_thickness_mm": thickness,
+            "shape": list(shape),
+            "motion": bool(args.motion),
+            "studies": studies,
+        },
+    )
     print(json.dumps({"outdir": str(out), "studies": studies}, indent=2, default=_json_default))
     return 0
 
@@ -230,12 +291,18 @@ def _insert(args: argparse.Namespace) -> int:
         raise _refuse(f"--insert-into: no lungs found in {src}")
     seed, severity = int(args.seed), args.severity
     days = study_days(seed, args.follow_up)
-    base = dt.datetime.strptime(info.study_date, "%Y-%m-%d").date() if info.study_date else dt.date(2020, 2, 1)
+    base = (
+        dt.datetime.strptime(info.study_date, "%Y-%m-%d").date()
+        if info.study_date
+        else dt.date(2020, 2, 1)
+    )
     voxel_ml = vol.voxel_ml
     studies = []
     for k, day in enumerate(days):
         where = out if args.follow_up == 0 else out / f"study{k}_day{day:03d}"
-        new, labels = insert_lesions(canon, lung, vol.spacing, seed=seed, severity=severity, day=day)
+        new, labels = insert_lesions(
+            canon, lung, vol.spacing, seed=seed, severity=severity, day=day
+        )
         changed = labels > 0
         if flips:
             new, labels, changed = (np.flip(a, axis=flips) for a in (new, labels, changed))
@@ -243,12 +310,23 @@ def _insert(args: argparse.Namespace) -> int:
         series_uid = ct_writer.uid_from("insert", info.series_instance_uid, seed, severity, day)
         date = base + dt.timedelta(days=day)
         _say(f"phantom: day {day}: writing {len(info.files)} slices to {where}")
-        ct_writer.write_derived_series(where, info.files, new, changed, series_instance_uid=series_uid,
-                                       study_instance_uid=study_uid, study_date=date.strftime("%Y%m%d"))
+        ct_writer.write_derived_series(
+            where,
+            info.files,
+            new,
+            changed,
+            series_instance_uid=series_uid,
+            study_instance_uid=study_uid,
+            study_date=date.strftime("%Y%m%d"),
+        )
         lung_o = np.flip(lung, axis=flips) if flips else lung
-        np.savez_compressed(where / "truth.npz", opacity=np.ascontiguousarray(labels),
-                            lung=np.ascontiguousarray(lung_o), spacing=np.array(vol.spacing),
-                            origin=np.array(vol.origin))
+        np.savez_compressed(
+            where / "truth.npz",
+            opacity=np.ascontiguousarray(labels),
+            lung=np.ascontiguousarray(lung_o),
+            spacing=np.array(vol.spacing),
+            origin=np.array(vol.origin),
+        )
         q = quantify(lung_o.astype(np.uint8), labels, voxel_ml, hu=new)
         truth = {
             "kind": "inserted",
@@ -256,20 +334,42 @@ def _insert(args: argparse.Namespace) -> int:
             "voxel_ml": voxel_ml,
             "regions": {"whole": q["regions"]["whole"]},
             "lung_mask": "appliance.pipeline.classical.lung_mask (HU threshold + morphology)",
-            "source": {"folder": str(src), "series_instance_uid": info.series_instance_uid,
-                       "patient_id": info.patient_id},
+            "source": {
+                "folder": str(src),
+                "series_instance_uid": info.series_instance_uid,
+                "patient_id": info.patient_id,
+            },
             "lesions": {"seed": seed, "severity": severity, "day": day},
-            "scan": {"shape": list(new.shape), "spacing_mm": list(vol.spacing),
-                     "study_instance_uid": study_uid, "series_instance_uid": series_uid,
-                     "study_date": date.strftime("%Y%m%d")},
+            "scan": {
+                "shape": list(new.shape),
+                "spacing_mm": list(vol.spacing),
+                "study_instance_uid": study_uid,
+                "series_instance_uid": series_uid,
+                "study_date": date.strftime("%Y%m%d"),
+            },
         }
         _write_json(where / "truth.json", truth)
         whole = q["regions"]["whole"]
-        studies.append({"folder": str(where.relative_to(out)) if where != out else ".", "day": day,
-                        "study_instance_uid": study_uid, "series_instance_uid": series_uid,
-                        "plo_pct": whole["plo_pct"], "lung_ml": whole["lung_ml"]})
+        studies.append(
+            {
+                "folder": str(where.relative_to(out)) if where != out else ".",
+                "day": day,
+                "study_instance_uid": study_uid,
+                "series_instance_uid": series_uid,
+                "plo_pct": whole["plo_pct"],
+                "lung_ml": whole["lung_ml"],
+            }
+        )
         _say(f"phantom: day {day}: PLO {whole['plo_pct']:.2f} % of {whole['lung_ml']:.0f} ml")
-    _write_json(out / "phantom.json", {"kind": "inserted", "seed": seed, "severity": severity,
-                                       "source": str(src), "studies": studies})
+    _write_json(
+        out / "phantom.json",
+        {
+            "kind": "inserted",
+            "seed": seed,
+            "severity": severity,
+            "source": str(src),
+            "studies": studies,
+        },
+    )
     print(json.dumps({"outdir": str(out), "studies": studies}, indent=2, default=_json_default))
     return 0

@@ -77,7 +77,7 @@ def masks(hu: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, np.n
     # drop the table and everything below the body's lowest row
     rows = np.nonzero(body.any(axis=(0, 2)))[0]
     if len(rows):
-        air[:, rows.max():, :] = False
+        air[:, rows.max() :, :] = False
     return {"lung": lung, "fat": fat, "muscle": muscle, "air": air}
 
 
@@ -102,8 +102,8 @@ def nps(hu: np.ndarray, muscle: np.ndarray, px: float, patch: int = 32) -> dict:
         hp = sl - ndimage.uniform_filter(sl, 9)
         for y in range(0, sl.shape[0] - patch, patch // 2):
             for x in range(0, sl.shape[1] - patch, patch // 2):
-                if m[y:y + patch, x:x + patch].all():
-                    p = hp[y:y + patch, x:x + patch]
+                if m[y : y + patch, x : x + patch].all():
+                    p = hp[y : y + patch, x : x + patch]
                     p = p - p.mean()
                     spectra.append(np.abs(np.fft.fft2(p)) ** 2 * px * px / (patch * patch))
     if not spectra:
@@ -213,8 +213,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "inputs": {"normals": list(NORMALS), "infected": list(INFECTED), "phantom_seeds": args.seeds},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "inputs": {
+            "normals": list(NORMALS),
+            "infected": list(INFECTED),
+            "phantom_seeds": args.seeds,
+        },
     }
     real = {}
     for name in (*NORMALS, *INFECTED):
@@ -237,7 +245,9 @@ def main() -> None:
             rh = histogram(hu[m[tissue]], rng)
             entry[f"phantom_vs_{name}"] = round(w1(ph_h, rh), 2)
             centres = np.arange(rng[0], rng[1]) + 0.5
-            shift = float(np.interp(0.5, np.cumsum(ph_h), centres) - np.interp(0.5, np.cumsum(rh), centres))
+            shift = float(
+                np.interp(0.5, np.cumsum(ph_h), centres) - np.interp(0.5, np.cumsum(rh), centres)
+            )
             entry[f"median_shift_vs_{name}"] = round(shift, 1)
         rh1 = histogram(real[NORMALS[0]][0][real[NORMALS[0]][3][tissue]], rng)
         rh2 = histogram(real[NORMALS[1]][0][real[NORMALS[1]][3][tissue]], rng)
@@ -250,7 +260,8 @@ def main() -> None:
     }
     for s, v in phantoms.items():
         report["figures"][f"phantom_seed{s}"]["truth_lung_ml"] = round(
-            float((v[2].lobes > 0).sum() * np.prod(v[1]) / 1000.0), 1)
+            float((v[2].lobes > 0).sum() * np.prod(v[1]) / 1000.0), 1
+        )
     # ---- diseased lung
     disease: dict[str, dict] = {}
     infected_h = {}
@@ -258,8 +269,10 @@ def main() -> None:
         hu, _sp, info, m = real[name]
         ks = infected_slices(name, info)
         infected_h[name] = histogram(hu[ks][m["lung"][ks]], RANGES["lung"])
-        disease[name] = {"infected_slices": int(len(ks)),
-                         "lung_hu_median_infected": float(np.median(hu[ks][m["lung"][ks]]))}
+        disease[name] = {
+            "infected_slices": int(len(ks)),
+            "lung_hu_median_infected": float(np.median(hu[ks][m["lung"][ks]])),
+        }
     sick = {}
     for seed, sev in ((args.seeds[0], "moderate"), (args.seeds[-1], "severe")):
         p = synthesize(seed, sev, **grid)
@@ -270,8 +283,12 @@ def main() -> None:
         disease[f"phantom_{sev}"] = {
             "plo_pct": round(100.0 * float((p.opacity > 0).sum() / (p.lobes > 0).sum()), 2),
             "lung_hu_median_lesion_slices": float(np.median(p.hu[ks][lm])),
-            "ggo_hu_median": float(np.median(p.hu[p.opacity == 1])) if (p.opacity == 1).any() else None,
-            "consolidation_hu_median": float(np.median(p.hu[p.opacity == 2])) if (p.opacity == 2).any() else None,
+            "ggo_hu_median": float(np.median(p.hu[p.opacity == 1]))
+            if (p.opacity == 1).any()
+            else None,
+            "consolidation_hu_median": float(np.median(p.hu[p.opacity == 2]))
+            if (p.opacity == 2).any()
+            else None,
             **{f"w1_vs_{name}": round(w1(h, infected_h[name]), 2) for name in INFECTED},
         }
     lung2 = n2_m["lung"]
@@ -282,7 +299,9 @@ def main() -> None:
         "plo_pct": round(100.0 * float((ins_lab > 0).sum() / lung2.sum()), 2),
         "lung_hu_median_lesion_slices": float(np.median(ins_hu[ks][lung2[ks]])),
         "ggo_hu_median": float(np.median(ins_hu[ins_lab == 1])) if (ins_lab == 1).any() else None,
-        "consolidation_hu_median": float(np.median(ins_hu[ins_lab == 2])) if (ins_lab == 2).any() else None,
+        "consolidation_hu_median": float(np.median(ins_hu[ins_lab == 2]))
+        if (ins_lab == 2).any()
+        else None,
         **{f"w1_vs_{name}": round(w1(h, infected_h[name]), 2) for name in INFECTED},
     }
     report["diseased_lung"] = disease
@@ -291,12 +310,24 @@ def main() -> None:
     rows = []
     for frac in (0.75, 0.55, 0.3):
         kp, kr = _level(p0.lobes > 0, frac), _level(lung2, frac)
-        rows.append(_row([_label(window(p0_hu[kp]), f"phantom seed {args.seeds[0]} ({frac:.0%} lung height)"),
-                          _label(window(n2_hu[kr]), "real normal002")]))
+        rows.append(
+            _row(
+                [
+                    _label(
+                        window(p0_hu[kp]), f"phantom seed {args.seeds[0]} ({frac:.0%} lung height)"
+                    ),
+                    _label(window(n2_hu[kr]), "real normal002"),
+                ]
+            )
+        )
     _stack(rows).save(out / "phantom_vs_normal_axial.png")
-    _row([_label(_coronal(p0_hu, p0_sp, p0.lobes > 0), "phantom coronal"),
-          _label(_coronal(n2_hu, n2_sp, lung2), "real normal002 coronal")], 512).save(
-        out / "phantom_vs_normal_coronal.png")
+    _row(
+        [
+            _label(_coronal(p0_hu, p0_sp, p0.lobes > 0), "phantom coronal"),
+            _label(_coronal(n2_hu, n2_sp, lung2), "real normal002 coronal"),
+        ],
+        512,
+    ).save(out / "phantom_vs_normal_coronal.png")
     rows = []
     p_hu, p_sp, _p_info, p_m = real["covid-P001"]
     c_hu, _c_sp, _c_info, _c_m = real["cap-cap001"]
@@ -307,19 +338,32 @@ def main() -> None:
         ki = int(ins_ks[i * 7])
         kp = int(kp_inf[int(frac * (len(kp_inf) - 1))])
         kc = int(kc_inf[int(frac * (len(kc_inf) - 1))])
-        rows.append(_row([_label(window(ins_hu[ki]), f"normal002 + inserted lesions (slice {ki})"),
-                          _label(window(p_hu[kp]), f"real COVID P001 infected slice {kp}"),
-                          _label(window(c_hu[kc]), f"real CAP cap001 infected slice {kc}")]))
+        rows.append(
+            _row(
+                [
+                    _label(window(ins_hu[ki]), f"normal002 + inserted lesions (slice {ki})"),
+                    _label(window(p_hu[kp]), f"real COVID P001 infected slice {kp}"),
+                    _label(window(c_hu[kc]), f"real CAP cap001 infected slice {kc}"),
+                ]
+            )
+        )
     _stack(rows).save(out / "inserted_vs_infected.png")
     rows = []
     for sev, (p, ks) in sick.items():
         k = int(ks[np.argmax((p.opacity[ks] > 0).sum(axis=(1, 2)))])
         kp = int(kp_inf[len(kp_inf) // 2])
-        rows.append(_row([_label(window(p.hu[k]), f"phantom {sev} slice {k}"),
-                          _label(window(p_hu[kp]), f"real COVID P001 slice {kp}")]))
+        rows.append(
+            _row(
+                [
+                    _label(window(p.hu[k]), f"phantom {sev} slice {k}"),
+                    _label(window(p_hu[kp]), f"real COVID P001 slice {kp}"),
+                ]
+            )
+        )
     _stack(rows).save(out / "phantom_disease_vs_infected.png")
-    report["montages"] = sorted(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
-                                for p in out.glob("*.png"))
+    report["montages"] = sorted(
+        str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in out.glob("*.png")
+    )
     report["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report, indent=2))
 

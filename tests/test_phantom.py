@@ -80,10 +80,16 @@ def test_opacity_lies_inside_the_lungs_with_ggo_and_consolidation_densities(coar
         assert -250 <= np.median(p.hu[p.opacity == 2]) <= 120
 
 
-@pytest.mark.parametrize(("severity", "lo", "hi"), [
-    ("none", 0.0, 0.0), ("mild", 0.0, 0.0), ("moderate", 0.5, 12.0),
-    ("severe", 12.0, 50.0), ("critical", 30.0, 70.0),
-])
+@pytest.mark.parametrize(
+    ("severity", "lo", "hi"),
+    [
+        ("none", 0.0, 0.0),
+        ("mild", 0.0, 0.0),
+        ("moderate", 0.5, 12.0),
+        ("severe", 12.0, 50.0),
+        ("critical", 30.0, 70.0),
+    ],
+)
 def test_severity_sets_the_whole_lung_plo(severity, lo, hi):
     p = phantom.synthesize(21, severity, **COARSE)
     plo = 100.0 * (p.opacity > 0).sum() / (p.lobes > 0).sum()
@@ -130,21 +136,28 @@ def test_follow_up_changes_the_lesions_not_the_anatomy():
 
 def test_motion_and_thickness_change_the_image_and_keep_the_truth_consistent():
     base = phantom.synthesize(2, "moderate", spacing=(3.0, 3.0, 3.0), shape=(128, 128, 128))
-    moved = phantom.synthesize(2, "moderate", spacing=(3.0, 3.0, 3.0), shape=(128, 128, 128), motion=True)
-    thick = phantom.synthesize(2, "moderate", spacing=(3.0, 3.0, 3.0), shape=(128, 128, 128), thickness=7.5)
+    moved = phantom.synthesize(
+        2, "moderate", spacing=(3.0, 3.0, 3.0), shape=(128, 128, 128), motion=True
+    )
+    thick = phantom.synthesize(
+        2, "moderate", spacing=(3.0, 3.0, 3.0), shape=(128, 128, 128), thickness=7.5
+    )
     assert not np.array_equal(base.hu, moved.hu)
     assert not np.array_equal(base.hu, thick.hu)
     assert moved.meta["motion"] and thick.meta["thickness"] == 7.5
     assert not np.any((moved.opacity > 0) & (moved.lobes == 0))
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"severity": "fatal"}, ValueError, "`severity` must be one of"),
-    ({"spacing": (1.0, 0.0, 1.0)}, ValueError, "`spacing` must be positive"),
-    ({"shape": (10, 10)}, ValueError, "`shape` must be three numbers"),
-    ({"day": -1}, ValueError, "`day` must be a non-negative int"),
-    ({"thickness": 0.0}, ValueError, "`thickness` must be a number"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"severity": "fatal"}, ValueError, "`severity` must be one of"),
+        ({"spacing": (1.0, 0.0, 1.0)}, ValueError, "`spacing` must be positive"),
+        ({"shape": (10, 10)}, ValueError, "`shape` must be three numbers"),
+        ({"day": -1}, ValueError, "`day` must be a non-negative int"),
+        ({"thickness": 0.0}, ValueError, "`thickness` must be a number"),
+    ],
+)
 def test_synthesize_refuses_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         phantom.synthesize(1, **{"severity": "none", **COARSE, **kwargs})
@@ -200,12 +213,24 @@ def test_insert_lesions_refuses_mismatched_masks(normal_scan):
 
 def _header(**over) -> ct_writer.SeriesHeader:
     values = dict(
-        patient_id="T1", patient_name="TEST^ONE", patient_sex="F", patient_birth_date="19600101",
-        patient_age_years=60, study_instance_uid=ct_writer.uid_from("t", "study"),
+        patient_id="T1",
+        patient_name="TEST^ONE",
+        patient_sex="F",
+        patient_birth_date="19600101",
+        patient_age_years=60,
+        study_instance_uid=ct_writer.uid_from("t", "study"),
         series_instance_uid=ct_writer.uid_from("t", "series"),
-        frame_of_reference_uid=ct_writer.uid_from("t", "for"), study_date="20200301",
-        study_time="101500", accession_number="A1", study_id="1", series_number=2,
-        manufacturer="SIEMENS", kernel="B41s", kvp=120.0, slice_thickness=2.0)
+        frame_of_reference_uid=ct_writer.uid_from("t", "for"),
+        study_date="20200301",
+        study_time="101500",
+        accession_number="A1",
+        study_id="1",
+        series_number=2,
+        manufacturer="SIEMENS",
+        kernel="B41s",
+        kvp=120.0,
+        slice_thickness=2.0,
+    )
     values.update(over)
     return ct_writer.SeriesHeader(**values)
 
@@ -215,7 +240,9 @@ def test_writer_round_trips_hu_and_geometry_for_every_vendor(tmp_path, manufactu
     rng = np.random.default_rng(0)
     hu = rng.integers(-1024, 2000, (21, 24, 20)).astype(np.int16)
     spacing, origin = (1.25, 0.6875, 0.703125), (-120.5, -99.25, -310.125)
-    paths = ct_writer.write_ct_series(tmp_path, hu, spacing, origin, _header(manufacturer=manufacturer))
+    paths = ct_writer.write_ct_series(
+        tmp_path, hu, spacing, origin, _header(manufacturer=manufacturer)
+    )
     assert len(paths) == 21 and len(set(paths)) == 21
     vol, info = load_series(tmp_path)
     assert np.array_equal(vol.array, hu)
@@ -258,8 +285,13 @@ def test_cli_writes_a_series_whose_truth_matches_its_quantification(tmp_path):
     assert q["regions"] == truth["regions"] and q["severity_score"] == truth["severity_score"]
     assert not np.any((opacity > 0) & (lobes == 0))
     # the same synthesis reproduces the written pixels exactly
-    p = phantom.synthesize(7, "severe", spacing=tuple(spacing), shape=(24, 512, 512),
-                           thickness=truth["scan"]["slice_thickness_mm"])
+    p = phantom.synthesize(
+        7,
+        "severe",
+        spacing=tuple(spacing),
+        shape=(24, 512, 512),
+        thickness=truth["scan"]["slice_thickness_mm"],
+    )
     assert np.array_equal(p.hu, vol.array)
     assert info.patient_id == p.meta["patient_id"] and info.kernel == p.meta["kernel"]
     index = json.loads((out / "phantom.json").read_text())
@@ -268,8 +300,23 @@ def test_cli_writes_a_series_whose_truth_matches_its_quantification(tmp_path):
 
 def test_cli_follow_up_writes_later_studies_of_the_same_patient(tmp_path):
     out = tmp_path / "serial"
-    assert main(["phantom", str(out), "--seed", "12", "--severity", "moderate", "--slices", "20",
-                 "--follow-up", "2"]) == 0
+    assert (
+        main(
+            [
+                "phantom",
+                str(out),
+                "--seed",
+                "12",
+                "--severity",
+                "moderate",
+                "--slices",
+                "20",
+                "--follow-up",
+                "2",
+            ]
+        )
+        == 0
+    )
     folders = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(folders) == 3
     infos = [load_series(f)[1] for f in folders]
@@ -284,7 +331,9 @@ def test_cli_follow_up_writes_later_studies_of_the_same_patient(tmp_path):
 def test_cli_insert_into_changes_only_the_inserted_voxels(tmp_path):
     src = tmp_path / "normal"
     p = phantom.synthesize(31, "none", spacing=(5.0, 2.5, 2.5), shape=(64, 160, 160))
-    ct_writer.write_ct_series(src, p.hu, p.spacing, p.origin, _header(manufacturer="GE MEDICAL SYSTEMS"))
+    ct_writer.write_ct_series(
+        src, p.hu, p.spacing, p.origin, _header(manufacturer="GE MEDICAL SYSTEMS")
+    )
     out = tmp_path / "inserted"
     assert _run([str(out), "--insert-into", str(src), "--seed", "3", "--severity", "severe"]) == 0
     before, _ = load_series(src)
@@ -295,7 +344,9 @@ def test_cli_insert_into_changes_only_the_inserted_voxels(tmp_path):
     assert changed.any()
     assert not np.any(changed & (opacity == 0))
     assert not np.any((opacity > 0) & ~lung)
-    assert np.allclose(after.origin, before.origin) and after.spacing == pytest.approx(before.spacing)
+    assert np.allclose(after.origin, before.origin) and after.spacing == pytest.approx(
+        before.spacing
+    )
     assert "DERIVED" in info.image_type
     truth = json.loads((out / "truth.json").read_text())
     plo = 100.0 * (opacity > 0).sum() / lung.sum()

@@ -60,14 +60,54 @@ class VendorStyle:
 
 
 VENDOR_STYLES: dict[str, VendorStyle] = {
-    "SIEMENS": VendorStyle("SIEMENS", "SOMATOM Definition AS", "syngo CT VA48A", False, 12, -1024, None,
-                           True, "CTAWP73311", "Thorax {thickness:g} {kernel}"),
-    "GE MEDICAL SYSTEMS": VendorStyle("GE MEDICAL SYSTEMS", "LightSpeed VCT", "LightSpeedverrel", True, 16,
-                                      -1024, -2000, False, "ct99", "CHEST {thickness:g}mm {kernel}"),
-    "Philips": VendorStyle("Philips", "Ingenuity CT", "4.1.2", False, 12, -1024, None, False,
-                           "HOST-PH1", "Chest {thickness:g} {kernel}"),
-    "TOSHIBA": VendorStyle("TOSHIBA", "Aquilion ONE", "V6.00ER007", True, 16, 0, -2048, True, "CT0001",
-                           "LUNG {thickness:g} {kernel}"),
+    "SIEMENS": VendorStyle(
+        "SIEMENS",
+        "SOMATOM Definition AS",
+        "syngo CT VA48A",
+        False,
+        12,
+        -1024,
+        None,
+        True,
+        "CTAWP73311",
+        "Thorax {thickness:g} {kernel}",
+    ),
+    "GE MEDICAL SYSTEMS": VendorStyle(
+        "GE MEDICAL SYSTEMS",
+        "LightSpeed VCT",
+        "LightSpeedverrel",
+        True,
+        16,
+        -1024,
+        -2000,
+        False,
+        "ct99",
+        "CHEST {thickness:g}mm {kernel}",
+    ),
+    "Philips": VendorStyle(
+        "Philips",
+        "Ingenuity CT",
+        "4.1.2",
+        False,
+        12,
+        -1024,
+        None,
+        False,
+        "HOST-PH1",
+        "Chest {thickness:g} {kernel}",
+    ),
+    "TOSHIBA": VendorStyle(
+        "TOSHIBA",
+        "Aquilion ONE",
+        "V6.00ER007",
+        True,
+        16,
+        0,
+        -2048,
+        True,
+        "CT0001",
+        "LUNG {thickness:g} {kernel}",
+    ),
 }
 
 
@@ -109,7 +149,9 @@ class SeriesHeader:
 
 def vendor_style(manufacturer: str) -> VendorStyle:
     if manufacturer not in VENDOR_STYLES:
-        raise ValueError(f"`manufacturer` must be one of {sorted(VENDOR_STYLES)}, got {manufacturer!r}")
+        raise ValueError(
+            f"`manufacturer` must be one of {sorted(VENDOR_STYLES)}, got {manufacturer!r}"
+        )
     return VENDOR_STYLES[manufacturer]
 
 
@@ -121,8 +163,9 @@ def _ds(value: float) -> str:
     return text
 
 
-def _base_dataset(h: SeriesHeader, style: VendorStyle, rows: int, cols: int,
-                  spacing: tuple[float, float, float]) -> Dataset:
+def _base_dataset(
+    h: SeriesHeader, style: VendorStyle, rows: int, cols: int, spacing: tuple[float, float, float]
+) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -142,7 +185,8 @@ def _base_dataset(h: SeriesHeader, style: VendorStyle, rows: int, cols: int,
     ds.StudyDescription = h.study_description
     kernel = h.kernel
     ds.SeriesDescription = h.series_description or style.series_format.format(
-        thickness=h.slice_thickness, kernel=kernel)
+        thickness=h.slice_thickness, kernel=kernel
+    )
     ds.ManufacturerModelName = h.model or style.model
     ds.PatientName = h.patient_name
     ds.PatientID = h.patient_id
@@ -190,7 +234,10 @@ def _base_dataset(h: SeriesHeader, style: VendorStyle, rows: int, cols: int,
     ds.PixelRepresentation = 1 if style.signed else 0
     if style.padding is not None:
         ds.PixelPaddingValue = style.padding
-    lung = any(w in kernel.upper() for w in ("LUNG", "B70", "I70", "FC52", "FC86", "YA", "BONE")) or kernel == "L"
+    lung = (
+        any(w in kernel.upper() for w in ("LUNG", "B70", "I70", "FC52", "FC86", "YA", "BONE"))
+        or kernel == "L"
+    )
     ds.WindowCenter = "-600" if lung else "40"
     ds.WindowWidth = "1500" if lung else "400"
     ds.RescaleIntercept = str(int(style.intercept))
@@ -249,7 +296,11 @@ def write_ct_series(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     dtype = np.int16 if style.signed else np.uint16
-    hh, mm, ss = int(header.study_time[0:2]), int(header.study_time[2:4]), int(header.study_time[4:6])
+    hh, mm, ss = (
+        int(header.study_time[0:2]),
+        int(header.study_time[2:4]),
+        int(header.study_time[4:6]),
+    )
     start = hh * 3600 + mm * 60 + ss + 95  # the scan starts a minute and a half into the study
     paths = []
     for k in range(nz):
@@ -295,7 +346,9 @@ def write_derived_series(
     if hu.ndim != 3 or changed.shape != hu.shape:
         raise ValueError(f"`changed` must have the shape of `hu` {hu.shape}, got {changed.shape}")
     if len(sources) != hu.shape[0]:
-        raise ValueError(f"`sources` must name one file per slice ({hu.shape[0]}), got {len(sources)}")
+        raise ValueError(
+            f"`sources` must name one file per slice ({hu.shape[0]}), got {len(sources)}"
+        )
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     frame_uid = uid_from(series_instance_uid, "frame-of-reference")
@@ -303,7 +356,9 @@ def write_derived_series(
     for k, src in enumerate(sources):
         ds = pydicom.dcmread(src)
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise ValueError(f"`sources` must be single-frame CT files, got a multi-frame file {src}")
+            raise ValueError(
+                f"`sources` must be single-frame CT files, got a multi-frame file {src}"
+            )
         old_class, old_uid = ds.SOPClassUID, ds.SOPInstanceUID
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             ds.decompress(generate_instance_uid=False)
@@ -338,7 +393,9 @@ def write_derived_series(
                 ds.AcquisitionDateTime = study_date + str(ds.AcquisitionDateTime)[8:]
         types = list(ds.get("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"]))
         ds.ImageType = ["DERIVED", "SECONDARY", *types[2:]]
-        ds.SeriesDescription = (str(ds.get("SeriesDescription", "")) + series_description_suffix)[:64]
+        ds.SeriesDescription = (str(ds.get("SeriesDescription", "")) + series_description_suffix)[
+            :64
+        ]
         ds.SeriesNumber = int(ds.get("SeriesNumber", 1) or 1) + 1000
         ds.DerivationDescription = derivation
         ref = Dataset()

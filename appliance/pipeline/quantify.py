@@ -8,6 +8,7 @@ import numpy as np
 
 from appliance.labels import LEFT_LOBES, RIGHT_LOBES, Lobe, Opacity
 
+CHUNK_VOXELS = 1 << 22
 REGIONS = ("whole", "right", "left", "RUL", "RML", "RLL", "LUL", "LLL")
 SEVERITY_BOUNDS = ((5.0, True), (25.0, False), (50.0, True), (75.0, False))
 """Pan et al. bands above the involvement minimum: (upper bound, bound belongs to the lower band)."""
@@ -71,16 +72,21 @@ def quantify(
         raise ValueError(f"`hu` must have the shape of `lobes` {lobes.shape}, got {hu.shape}")
     if not (voxel_ml > 0 and math.isfinite(voxel_ml)):
         raise ValueError(f"`voxel_ml` must be a positive number, got {voxel_ml}")
-    lob = lobes.ravel()
-    opa = opacity.ravel()
+    lob = lobes.ravel().astype(np.uint8, copy=False)
+    opa = opacity.ravel().astype(np.uint8, copy=False)
     if lob.max(initial=0) > max(Lobe) or opa.max(initial=0) > max(Opacity):
         raise ValueError("`lobes` must hold labels 0-5 and `opacity` labels 0-2")
-    # One pass over the voxels: counts per (lobe, opacity) pair.
-    pair = lob.astype(np.int64) * 3 + opa.astype(np.int64)
-    counts = np.bincount(pair, minlength=18).reshape(6, 3)
-    hu_sums = None
-    if hu is not None:
-        hu_sums = np.bincount(lob, weights=hu.ravel().astype(np.float64), minlength=6)
+    # One pass over the voxels, in chunks so a 300x512x512 scan needs no int64/float64 copies.
+    counts = np.zeros(18, dtype=np.int64)
+    hu_sums = np.zeros(6, dtype=np.float64) if hu is not None else None
+    hu_flat = hu.ravel() if hu is not None else None
+    for start in range(0, lob.size, CHUNK_VOXELS):
+        sl = slice(start, start + CHUNK_VOXELS)
+        pair = lob[sl] * np.uint8(3) + opa[sl]
+        counts += np.bincount(pair, minlength=18)
+        if hu_sums is not None:
+            hu_sums += np.bincount(lob[sl], weights=hu_flat[sl], minlength=6)
+    counts = counts.reshape(6, 3)
 
     def fields(labels: tuple[int, ...]) -> dict:
         idx = list(labels)
