@@ -26,8 +26,8 @@ class Refused(Exception):
 class StderrProgress:
     """Progress of long work on stderr: one line per stage, redrawn in place on a terminal."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
         self.tty = stream.isatty()
         self.stage: str | None = None
         self.start = time.perf_counter()
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance import daemon_cli
 
     daemon_cli.add_parsers(sub)
+    from engines import cli as engines_cli
+
+    engines_cli.add_parser(sub)
     return parser
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.runtime.base import BackendUnavailable, ModelError, ModelSpec, sha256_of
-from engines.cache import EngineCache, EngineKey
+from engines.cache import EngineCache, EngineKey, Lookup
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def make_logger(trt: Any) -> Any:
             self.errors: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
-            name = str(severity).rsplit(".", 1)[-1].upper()
+            name = str(getattr(severity, "name", None) or str(severity).rsplit(".", 1)[-1]).upper()
             if name in ("ERROR", "INTERNAL_ERROR"):
                 self.errors.append(str(msg))
                 log.error("TensorRT: %s", msg)
@@ -262,20 +262,29 @@ class EngineRecord:
 
 
 def ensure_engine(trt: Any, spec: ModelSpec, settings: BuildSettings, platform: Platform,
-                  cache: EngineCache, *, build_missing: bool = True, force: bool = False) -> EngineRecord:
-    """The plan for this model and settings from the cache, built (under a lock) when missing."""
-    key = engine_key(spec, settings, platform)
+                  cache: EngineCache, *, build_missing: bool = True, force: bool = False,
+                  any_tuning: bool = False) -> EngineRecord:
+    """The plan for this model and settings from the cache, built (under a lock) when missing.
+
+    ``any_tuning``: accept the newest cached plan that differs only in workspace or optimisation
+    level (what a runner wants); otherwise the exact settings (what `engines build` wants).
+    """
+    wanted = engine_key(spec, settings, platform)
+
+    def lookup() -> tuple[EngineKey, Lookup]:
+        return cache.find(wanted) if any_tuning else (wanted, cache.load(wanted))
+
     if not force:
-        found = cache.load(key)
+        key, found = lookup()
         if found.hit:
             return EngineRecord(key, cache.plan_path(key), found.plan, False, 0.0, "cached")  # type: ignore[arg-type]
         if not build_missing:
             raise BackendUnavailable(f"no usable TensorRT engine for {spec.name} ({found.reason}); "
                                      f"run `appliance engines build`")
-    with cache.lock(key):
+    with cache.lock(wanted):
         reason = "rebuild asked for"
         if not force:
-            found = cache.load(key)  # another process may have built it while we waited
+            key, found = lookup()  # another process may have built it while we waited
             if found.hit:
                 return EngineRecord(key, cache.plan_path(key), found.plan, False, 0.0, "cached")  # type: ignore[arg-type]
             reason = found.reason
@@ -286,9 +295,9 @@ def ensure_engine(trt: Any, spec: ModelSpec, settings: BuildSettings, platform: 
         start = time.perf_counter()
         plan, timing = build_plan(trt, spec, settings, platform, cache.load_timing_cache(timing_path))
         seconds = time.perf_counter() - start
-        path = cache.store(key, plan, build_seconds=seconds, extra={"model_version": spec.version})
+        path = cache.store(wanted, plan, build_seconds=seconds, extra={"model_version": spec.version})
         cache.save_timing_cache(timing_path, timing)
-    return EngineRecord(key, path, plan, True, seconds, reason)
+    return EngineRecord(wanted, path, plan, True, seconds, reason)
 
 
 def _deserialize(runtime: Any, plan: bytes) -> Any:
@@ -300,10 +309,12 @@ def _deserialize(runtime: Any, plan: bytes) -> Any:
 
 
 def load_engine(trt: Any, runtime: Any, spec: ModelSpec, settings: BuildSettings, platform: Platform,
-                cache: EngineCache, *, build_missing: bool = True, force: bool = False) -> tuple[Any, EngineRecord]:
+                cache: EngineCache, *, build_missing: bool = True, force: bool = False,
+                any_tuning: bool = False) -> tuple[Any, EngineRecord]:
     """A deserialized engine. A cached plan that does not deserialize is a miss: discarded and
     rebuilt (never a crash); a freshly built one that does not is a BuildError."""
-    record = ensure_engine(trt, spec, settings, platform, cache, build_missing=build_missing, force=force)
+    record = ensure_engine(trt, spec, settings, platform, cache, build_missing=build_missing, force=force,
+                           any_tuning=any_tuning)
     engine = _deserialize(runtime, record.plan)
     if engine is None and not record.built:
         cache.discard(record.key, "the cached plan does not deserialize with this TensorRT")

@@ -74,6 +74,13 @@ class EngineKey:
         values["tile_shape"] = tuple(int(v) for v in values["tile_shape"])
         return cls(**values)
 
+    TUNING_FIELDS = ("workspace_gb", "opt_level")
+    """Fields that change how fast a plan is, not what it computes or where it runs."""
+
+    def identity(self) -> dict[str, Any]:
+        """The key without the tuning fields: plans with equal identities are interchangeable."""
+        return {k: v for k, v in self.as_dict().items() if k not in self.TUNING_FIELDS}
+
     @property
     def digest(self) -> str:
         blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
@@ -174,6 +181,21 @@ class EngineCache:
             return Lookup(None, f"plan {plan_path.name} is corrupt (size or sha256 differs from its sidecar)")
         return Lookup(plan, "cached")
 
+    def find(self, key: EngineKey) -> tuple[EngineKey, Lookup]:
+        """The newest usable plan whose key has the same identity as ``key`` (any workspace or
+        optimisation level), so a runner with default settings uses what `engines build` built
+        with others; ``key`` itself with the reason when there is none."""
+        candidates = []
+        for entry in self.entries():
+            other = entry.key
+            if entry.problem is None and other is not None and other.identity() == key.identity():
+                candidates.append((entry.meta.get("built_unix", 0.0), other != key, other))
+        for _when, _other, other in sorted(candidates, key=lambda c: (-c[0], c[1])):
+            found = self.load(other)
+            if found.hit:
+                return other, found
+        return key, self.load(key)
+
     def store(self, key: EngineKey, plan: bytes, *, build_seconds: float, extra: dict[str, Any] | None = None) -> Path:
         """Write the plan, then its sidecar (so a crash in between leaves a miss, not a bad hit)."""
         if not isinstance(plan, (bytes, bytearray)) or not plan:
@@ -188,6 +210,7 @@ class EngineCache:
             "plan_bytes": len(plan),
             "plan_sha256": hashlib.sha256(plan).hexdigest(),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "built_unix": time.time(),
             "build_seconds": round(float(build_seconds), 3),
             **(extra or {}),
         }

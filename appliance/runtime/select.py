@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from appliance.runtime.base import BackendUnavailable, ModelSpec, Runner
 
@@ -10,8 +11,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-TENSORRT_RUNNER_READY = False
-"""Flipped when appliance/runtime/tensorrt.py holds the real runner (the TensorRT issue)."""
+TENSORRT_RUNNER_READY = True
+"""appliance/runtime/tensorrt.py holds the real runner (engine cache, pycuda buffers, execute_async_v3)."""
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -51,14 +52,21 @@ def resolve_backend(name: str) -> tuple[str, str | None]:
     return "tensorrt", None
 
 
-def open_runner(backend: str, spec: ModelSpec, *, precision: str = "fp32", threads: int = 2) -> Runner:
-    """Open a runner for an already-resolved backend name."""
+def open_runner(backend: str, spec: ModelSpec, *, precision: str = "fp32", threads: int = 2,
+                batch_size: int | None = None, engine_dir: str | Path | None = None) -> Runner:
+    """Open a runner for an already-resolved backend name.
+
+    TensorRT only: ``batch_size`` (the configured tiles per call) sets the engine's max batch
+    (at least 4); ``engine_dir`` is the engine cache, by default `<state_dir>/engines`.
+    """
     if backend == "onnxruntime":
         from appliance.runtime.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(spec, precision=precision, threads=threads)
     if backend == "tensorrt":
         from appliance.runtime.tensorrt import TensorRTRunner
+        from engines.build import engine_max_batch
 
-        return TensorRTRunner(spec, precision=precision)
+        return TensorRTRunner(spec, precision=precision, max_batch=engine_max_batch(batch_size),
+                              engine_dir=engine_dir)
     raise ValueError(f"`backend` must be onnxruntime or tensorrt once resolved, got {backend!r}")
