@@ -28,7 +28,7 @@ class StderrProgress:
 
     def __init__(self, stream=None) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.stage: str | None = None
         self.start = time.perf_counter()
 
