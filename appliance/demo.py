@@ -38,7 +38,12 @@ def _say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
-def _write_patients(root: Path) -> list[tuple[str, Path]]:
+def _write_patients(root: Path) -> list[tuple[str, Path, str]]:
+    """Phantom DICOM per patient; returns (severity, folder, the truth line to show)."""
+    import contextlib
+    import io
+    import json
+
     from appliance import phantom_cli
 
     out = []
@@ -48,9 +53,13 @@ def _write_patients(root: Path) -> list[tuple[str, Path]]:
             outdir=str(folder), seed=seed, severity=severity, slices=DEMO_SLICES,
             thickness=DEMO_THICKNESS_MM, follow_up=1, insert_into=None, motion=False,
         )
-        if phantom_cli.run(args) != 0:
-            raise RuntimeError(f"phantom generation failed for {severity} patient {seed}")
-        out.append((severity, folder))
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            if phantom_cli.run(args) != 0:
+                raise RuntimeError(f"phantom generation failed for {severity} patient {seed}")
+        studies = json.loads(summary.getvalue())["studies"]
+        truth = ", ".join(f"day {st['day']}: {st['plo_pct']:.2f}%" for st in studies)
+        out.append((severity, folder, f"phantom truth, whole-lung PLO: {truth}"))
     return out
 
 
@@ -85,7 +94,11 @@ def _patient_ids(folder: Path) -> set[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from appliance.dicom.send import Destination, send_files
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
     keep = args.workdir is not None
     work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="appliance-demo-"))
@@ -105,19 +118,21 @@ def run(args: argparse.Namespace) -> int:
         patients = _write_patients(scans)
         dest = Destination("APPLIANCE", "127.0.0.1", port, calling_ae_title="DEMO_CT")
         expected = 0
-        ids: list[str] = []
-        for severity, folder in patients:
+        ids: list[tuple[str, str]] = []
+        for severity, folder, truth in patients:
             files = _dicom_files(folder)
             report = send_files(dest, files)
             if not report.ok:
                 raise RuntimeError(f"sending {severity} patient failed: {report.summary()}")
             _say(f"sent {len(files)} images of the {severity} patient")
-            ids += sorted(_patient_ids(folder))
+            ids += [(pid, truth) for pid in sorted(_patient_ids(folder))]
             expected += len({p.parent for p in files})
         _wait_for_results(state, expected, daemon)
-        for pid in ids:
+        for pid, truth in ids:
+            sys.stdout.flush()
             subprocess.run([sys.executable, "-m", "appliance.cli", "history", pid, "--state-dir", str(state)],
                            env=env, check=False)
+            print(truth + "\n", flush=True)
         return 0
     finally:
         daemon.send_signal(signal.SIGTERM)
