@@ -116,9 +116,15 @@ def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
         "mean_lung_dice": mean("lung_dice"),
         "mean_lobe_dice": mean("mean_lobe_dice"),
         "mean_opacity_dice": mean("opacity_dice"),
-        "max_whole_plo_abs_error": max(c["plo_abs_error"]["whole"] for c in cases),
+        "max_whole_plo_abs_error": _max_or_none(c["plo_abs_error"]["whole"] for c in cases),
         "max_lobe_plo_abs_error": max(lobe_err) if lobe_err else None,
     }
+
+
+def _max_or_none(values) -> float | None:
+    """Largest figure; None when a case has none (e.g. no lung predicted: PLO undefined)."""
+    vals = list(values)
+    return None if not vals or any(v is None for v in vals) else max(vals)
 
 
 def eval_inserted(analyzer: Analyzer, out: Path) -> dict:
@@ -137,7 +143,8 @@ def eval_inserted(analyzer: Analyzer, out: Path) -> dict:
             "opacity_dice": dice(mask > 0, a.opacity > 0),
             "plo_true": plo_true,
             "plo_pred": a.result["regions"]["whole"]["plo_pct"],
-            "plo_abs_error": abs(a.result["regions"]["whole"]["plo_pct"] - plo_true),
+            "plo_abs_error": (abs(a.result["regions"]["whole"]["plo_pct"] - plo_true)
+                              if a.result["regions"]["whole"]["plo_pct"] is not None else None),
             "lung_dice_vs_classical": dice(lung_ref, a.lobes > 0),
         }
         save_overlays(out, f"normal001-inserted-{sev}", vol, a.lobes, a.opacity)
