@@ -104,8 +104,9 @@ STAGES: dict[str, StageSpec] = {
         hu_min=-1024.0,
         hu_max=400.0,
         allow_flip=True,
-        synth_shape=(160, 240, 240),
-        severity_weights=(0.1, 0.15, 0.25, 0.25, 0.25),
+        synth_shape=(176, 240, 240),
+        # "mild" has no CT findings in the phantom's disease model (like "none").
+        severity_weights=(0.1, 0.05, 0.3, 0.3, 0.25),
         lesion_centre_fraction=0.7,
     ),
 }
@@ -235,6 +236,8 @@ def phantom_source(spec: StageSpec, seed: int, severity: str, synthesize: Callab
             kwargs["thickness"] = float(rng.uniform(spec.spacing_mm[0], 2.5 * spec.spacing_mm[0]))
         if rng.random() < 0.1:
             kwargs["motion"] = True
+        if rng.random() < 0.5:  # later scans of the course: lesions grow, consolidate, resolve
+            kwargs["day"] = int(rng.integers(1, 28))
     kwargs.update(synth_kwargs or {})
     ph = synthesize(seed, severity, **kwargs)
     lobes = np.asarray(ph.lobes, dtype=np.uint8)
@@ -249,7 +252,7 @@ def phantom_source(spec: StageSpec, seed: int, severity: str, synthesize: Callab
 
 
 def real_source(spec: StageSpec, real: dict[str, np.ndarray], *, seed: int, severity: str,
-                insert_lesions: Callable[..., Any] | None) -> Source:
+                insert_lesions: Callable[..., Any] | None, day: int = 0) -> Source:
     """The real scan: lung-only target for lobes; inserted lesions (exact masks) for opacity."""
     hu = real["hu"].astype(np.int16)
     lung = real["lung"].astype(bool)
@@ -261,7 +264,8 @@ def real_source(spec: StageSpec, real: dict[str, np.ndarray], *, seed: int, seve
     if insert_lesions is None or severity == "none":
         return Source(hu, np.zeros(hu.shape, np.uint8), lung, spacing, KIND_FULL,  # type: ignore[arg-type]
                       f"real:{case}:none")
-    new_hu, labels = insert_lesions(hu, lung, spacing, seed=seed, severity=severity, lobes=None)
+    new_hu, labels = insert_lesions(hu, lung, spacing, seed=seed, severity=severity, lobes=None,
+                                    day=day)
     label = np.where(lung, np.asarray(labels, dtype=np.uint8), 0).astype(np.uint8)
     return Source(np.asarray(new_hu, dtype=np.int16), label, lung, spacing, KIND_FULL,  # type: ignore[arg-type]
                   f"real:{case}:{severity}")
@@ -376,8 +380,9 @@ def make_chunk(cfg: DataConfig, index: int, *, synthesize: Callable[..., Any] | 
     phantom_seed = check_training_seed(int(rng.integers(0, VALIDATION_SEED_BASE)))
     real = load_real(cfg.real_dir, cfg.stage) if cfg.real_fraction > 0 else None
     if real is not None and rng.random() < cfg.real_fraction:
+        day = int(rng.integers(1, 28)) if rng.random() < 0.5 else 0
         source = real_source(spec, real, seed=phantom_seed, severity=severity,
-                             insert_lesions=insert_lesions or _default_insert_lesions())
+                             insert_lesions=insert_lesions or _default_insert_lesions(), day=day)
     else:
         synth = synthesize or _default_synthesize()
         source = phantom_source(spec, phantom_seed, severity, synth, cfg.synth_kwargs, rng=rng)

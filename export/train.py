@@ -53,7 +53,8 @@ from export.unet import UNet3D, UNetConfig, check_tile_shape, count_parameters
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "out" / "checkpoints"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # Chosen from the ONNX Runtime CPU timing table (see export/README in the report).
+    # Widths chosen from the ONNX Runtime CPU timing table (`python -m export.onnx bench`):
+    # lobes 1-2 tiles x 1.0 s + opacity 8-12 tiles x 0.31 s stays under ~6 s per scan.
     "lobes": {"base": 12, "top_convs": 1, "batch": 2, "crops": 2, "group": 4,
               "real_fraction": 0.15},
     "opacity": {"base": 8, "top_convs": 1, "batch": 4, "crops": 8, "group": 2,

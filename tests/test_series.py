@@ -25,8 +25,8 @@ from appliance.dicom.series import SelectionRules, SeriesInfo, SeriesRefused, lo
 from appliance.volume import CANONICAL_DIRECTION
 from tests import dicom_factory as factory
 from tests.dicom_factory import AXIAL, CORONAL, SAGITTAL, phantom_hu
-
 from tests.paths import REAL  # noqa: E402
+
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real scans not present at {REAL}")
 RULES = SelectionRules()
 
