@@ -231,7 +231,9 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
-            return int(value) if text_in or isinstance(value, int) else _fail()
+            if not (text_in or isinstance(value, int)):
+                raise ValueError
+            return int(value)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -253,10 +255,6 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
     except (TypeError, ValueError):
         pass
     raise ConfigError(f"`{where}` must be {getattr(typ, '__name__', typ)}, got {value!r}")
-
-
-def _fail() -> Any:
-    raise ValueError
 
 
 def _build(section_cls: type, values: dict[str, Any], section: str) -> Any:

@@ -105,8 +105,6 @@ run_stage opacity "$OPACITY_WORKERS" "$OPACITY_ARGS" &
 PID_OPACITY=$!
 wait "$PID_LOBES" "$PID_OPACITY"
 wait "$TIMING_PID" 2>/dev/null
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
-  --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null
 
 # ---- optional ONNX export (only when the exporters import here and time is left) -------------
 LEFT=$(( DEADLINE_S - $(elapsed) ))

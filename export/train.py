@@ -374,7 +374,8 @@ class Trainer:
         self.log("start", stage=cfg.stage, device=cfg.device, step=self.step,
                  parameters=count_parameters(self.model), unet=self.unet.to_dict(),
                  tile=list(self.tile), batch=cfg.batch, workers=cfg.workers,
-                 torch=torch.__version__, cuda=torch.cuda.is_available())
+                 torch=torch.__version__, cuda=torch.cuda.is_available(),
+                 gpu=torch.cuda.get_device_name(0) if self.device.type == "cuda" else None)
         try:
             stop_reason = self._loop(start, budget)
         except BaseException as exc:
@@ -394,6 +395,8 @@ class Trainer:
         result = {"stage": cfg.stage, "step": self.step, "samples": self.samples,
                   "stop": stop_reason, "weights": str(self.weights_path),
                   "wall_s": round(time.perf_counter() - start, 1), "dice": table}
+        if self.device.type == "cuda":
+            result["cuda_max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.log("done", **result)
         return result
 
