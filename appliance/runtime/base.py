@@ -136,7 +136,8 @@ class Runner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _check_batch(self, batch: np.ndarray) -> None:
+        """Name, dtype and shape of an input batch against the model, before any backend sees it."""
         if not isinstance(batch, np.ndarray):
             raise TypeError(f"`batch` must be a numpy array, got {type(batch).__name__}")
         if batch.dtype != np.float32:
@@ -144,6 +145,9 @@ class Runner:
         want = (1, *self.spec.tile_shape)
         if batch.ndim != 5 or batch.shape[1:] != want or batch.shape[0] < 1:
             raise ValueError(f"`batch` must have shape (N, {', '.join(map(str, want))}), got {batch.shape}")
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self._check_batch(batch)
         out = self._infer(batch)
         expect = (batch.shape[0], self.spec.n_classes, *self.spec.tile_shape)
         if out.shape != expect:

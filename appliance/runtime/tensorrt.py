@@ -430,16 +430,6 @@ class TensorRTRunner(Runner):
                 yield out
                 out = None
 
-    def _check_batch(self, batch: np.ndarray) -> None:
-        """The same checks (and messages) as Runner.infer."""
-        if not isinstance(batch, np.ndarray):
-            raise TypeError(f"`batch` must be a numpy array, got {type(batch).__name__}")
-        if batch.dtype != np.float32:
-            raise TypeError(f"`batch` must be float32, got {batch.dtype}")
-        want = (1, *self.spec.tile_shape)
-        if batch.ndim != 5 or batch.shape[1:] != want or batch.shape[0] < 1:
-            raise ValueError(f"`batch` must have shape (N, {', '.join(map(str, want))}), got {batch.shape}")
-
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
