@@ -34,7 +34,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_sink = None
+"""Where progress goes while the dashboard holds the terminal (None: stderr)."""
+
+
 def _say(message: str) -> None:
+    if _sink is not None:
+        _sink(message)
+        return
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
@@ -96,7 +103,6 @@ def _patient_ids(folder: Path) -> set[str]:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from appliance.dicom.send import Destination, send_files
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -107,27 +113,17 @@ def run(args: argparse.Namespace) -> int:
     port = _free_port()
     env = dict(os.environ, APPLIANCE_GENERAL__STATE_DIR=str(state), APPLIANCE_DICOM__PORT=str(port),
                APPLIANCE_DAEMON__STABLE_SECONDS="2", APPLIANCE_ANALYSIS__BACKEND="auto")
-    if not args.headless:
-        _say("the terminal dashboard is not built yet; showing the results table instead")
+    headless = args.headless or not sys.stdout.isatty()
+    if headless and not args.headless:
+        _say("no terminal for the dashboard; showing the results table instead")
     _say(f"state directory {state}; starting the daemon on port {port}")
     daemon = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--state-dir", str(state)],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
     try:
         _wait_for_scp(port, daemon)
-        _say(f"writing {len(PATIENTS)} phantom patients (baseline + follow-up, {DEMO_SLICES} slices each)")
-        patients = _write_patients(scans)
-        dest = Destination("APPLIANCE", "127.0.0.1", port, calling_ae_title="DEMO_CT")
-        expected = 0
-        ids: list[tuple[str, str]] = []
-        for severity, folder, truth in patients:
-            files = _dicom_files(folder)
-            report = send_files(dest, files)
-            if not report.ok:
-                raise RuntimeError(f"sending {severity} patient failed: {report.summary()}")
-            _say(f"sent {len(files)} images of the {severity} patient")
-            ids += [(pid, truth) for pid in sorted(_patient_ids(folder))]
-            expected += len({p.parent for p in files})
-        _wait_for_results(state, expected, daemon)
+        if not headless:
+            return _with_dashboard(state, work, lambda: _push(scans, port, state, daemon))
+        ids = _push(scans, port, state, daemon)
         for pid, truth in ids:
             sys.stdout.flush()
             subprocess.run([sys.executable, "-m", "appliance.cli", "history", pid, "--state-dir", str(state)],
@@ -142,6 +138,74 @@ def run(args: argparse.Namespace) -> int:
             daemon.kill()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _push(scans: Path, port: int, state: Path, daemon: subprocess.Popen) -> list[tuple[str, str]]:
+    """Write the phantoms, send them as a scanner would, wait for their results; returns
+    (patient ID, truth line) per patient."""
+    from appliance.dicom.send import Destination, send_files
+
+    _say(f"writing {len(PATIENTS)} phantom patients (baseline + follow-up, {DEMO_SLICES} slices each)")
+    patients = _write_patients(scans)
+    dest = Destination("APPLIANCE", "127.0.0.1", port, calling_ae_title="DEMO_CT")
+    expected = 0
+    ids: list[tuple[str, str]] = []
+    for severity, folder, truth in patients:
+        files = _dicom_files(folder)
+        report = send_files(dest, files)
+        if not report.ok:
+            raise RuntimeError(f"sending {severity} patient failed: {report.summary()}")
+        _say(f"sent {len(files)} images of the {severity} patient")
+        ids += [(pid, truth) for pid in sorted(_patient_ids(folder))]
+        expected += len({p.parent for p in files})
+    _wait_for_results(state, expected, daemon)
+    return ids
+
+
+def _with_dashboard(state: Path, work: Path, push) -> int:
+    """The dashboard on the demo's state directory while ``push`` runs in a thread; progress
+    goes to demo.log and to the dashboard's notifications (the terminal is the dashboard's)."""
+    import logging
+    import threading
+
+    from appliance import tui
+    from appliance.config import load_config
+
+    global _sink
+    log = open(work / "demo.log", "a")
+    store = tui.open_store(state)
+    app = tui.make_app(load_config(), store)
+    failed: list[Exception] = []
+
+    def sink(message: str) -> None:
+        print(f"demo: {message}", file=log, flush=True)
+        if app.is_running:
+            app.call_from_thread(app.notify, message, timeout=8)
+
+    def pusher() -> None:
+        deadline = time.monotonic() + 10.0
+        while not app.is_running and time.monotonic() < deadline:  # so that it hears the news
+            time.sleep(0.05)
+        try:
+            push()
+            _say("every series is analysed; q quits and stops the daemon")
+        except Exception as exc:  # noqa: BLE001 - shown in the dashboard, then raised after it
+            failed.append(exc)
+            _say(f"failed: {exc}")
+
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, [logging.StreamHandler(log)]
+    _sink = sink
+    try:
+        threading.Thread(target=pusher, name="demo-push", daemon=True).start()
+        app.run()
+    finally:
+        _sink, root.handlers = None, handlers
+        store.close()
+        log.close()
+    if failed:
+        raise RuntimeError(f"the demo failed: {failed[0]}")
+    return 0
 
 
 def _wait_for_results(state: Path, expected: int, daemon: subprocess.Popen) -> None:
