@@ -6,7 +6,13 @@ Processes (multiprocessing, spawn), each restarted by the supervisor when it die
   Nothing else runs in it, so analysis can never interrupt receiving.
 - **stabiliser**: turns quiet series into jobs (:class:`Stabiliser`) and applies retention.
 - **workers** (``daemon.workers``): each opens and warms the models once, then claims jobs in
-  transactions and runs :class:`appliance.analysis.Analyzer` on them (:class:`Worker`).
+  transactions and runs :class:`appliance.analysis.Analyzer` on them (:class:`Worker`). Once
+  a job's result is stored, its DICOM SEG, SR and key images are written under
+  ``results/<series>/dicom/`` and put in the outbox for every ``send.destinations`` entry
+  (not written when there is none).
+- **sender**: delivers the outbox (:func:`appliance.delivery.deliver`), retrying with backoff.
+  A destination that is down delays only its own files: receiving and analysis never wait
+  for it.
 
 The supervisor starts the SCP first and tells systemd READY=1 once it listens; it sends
 WATCHDOG=1 from its loop while the children's heartbeats are fresh, and STATUS= with the queue.
@@ -21,7 +27,9 @@ run alive and requeues every job left 'running' (counted as an attempt, so a sca
 the daemon cannot loop). Acknowledged instances are on disk and in the store before success.
 
 SIGTERM (cooperative): workers finish their job within ``shutdown_grace_s`` or the job is
-requeued without counting the attempt; then the stabiliser stops; then the SCP stops.
+requeued without counting the attempt; the sender finishes its association within the same
+grace (or is killed: its rows are taken again when their lease ends); then the stabiliser
+stops; then the SCP stops.
 
 Fault injection for tests (never set in production): ``APPLIANCE_FAULTS`` lists faults, each
 optionally for one patient: ``worker_exit`` (the worker exits mid-job), ``worker_hang`` (it
@@ -55,9 +63,11 @@ from appliance.sdnotify import Notifier
 from appliance.store import (
     Claim,
     EventKind,
+    Job,
     JobLost,
     JobStage,
     JobState,
+    OutboxState,
     Store,
     StoreError,
 )
@@ -74,6 +84,8 @@ HANG_PERIODS = 3
 MAX_RESTART_DELAY_S = 30.0
 HEALTHY_RUN_S = 60.0
 """A child that ran this long before dying restarts without delay."""
+SENDER = "daemon"
+"""Holder of the outbox rows the daemon's sender takes (one sender per state directory)."""
 LOCK_FILE = "daemon.lock"
 PROCESSES_LOCK_FILE = "processes.lock"
 
@@ -101,6 +113,10 @@ class Paths:
 
     def result_dir(self, series_uid: str) -> Path:
         return self.results / safe_name(series_uid)
+
+    def outputs_dir(self, series_uid: str) -> Path:
+        """The DICOM outputs of the series' results (names carry their SOP Instance UIDs)."""
+        return self.result_dir(series_uid) / "dicom"
 
     def make(self) -> None:
         for folder in (self.state, self.spool, self.results):
@@ -309,10 +325,42 @@ class Worker:
                 update_serial(self.store, job.patient_id, self.config, now)
             whole = analysis.result["regions"]["whole"]["plo_pct"]
             log.info("job %d done: result %d, whole-lung PLO %s%%", job.id, result_id, whole)
+            self.write_outputs(analysis, job, result_id)
         except JobLost as exc:
             log.warning("job %d: %s; its outcome is discarded", job.id, exc)
         finally:
             self.job_id = None
+
+    def write_outputs(self, analysis: Any, job: Job, result_id: int) -> list[Path]:
+        """The stored result's DICOM SEG, SR and key images, put in the outbox for every
+        ``send.destinations`` entry; nothing when there is none (they exist to be sent, and
+        cost seconds and megabytes per scan; `appliance analyze --dicom-out` writes them on
+        demand). This runs after the result is stored, so the dashboard shows it at once: the
+        outputs take seconds (the SR alone about one) where the models take a fraction of that
+        on a GPU. A failure costs the outputs, never the result: it is recorded as an
+        OUTPUTS_FAILED event."""
+        from appliance.dicom.outputs import write_dicom_outputs
+
+        destinations = self.config.send.destinations
+        if not destinations:
+            return []
+        try:
+            outputs = write_dicom_outputs(analysis, self.paths.outputs_dir(job.series_uid))
+        except Exception as exc:  # noqa: BLE001 - recorded as an event; the result is kept
+            log.exception("result %d: the DICOM outputs could not be written", result_id)
+            self.store.add_event(EventKind.OUTPUTS_FAILED, series_uid=job.series_uid,
+                                 job_id=job.id, patient_id=job.patient_id,
+                                 detail=f"result {result_id}: writing the DICOM outputs failed: "
+                                        f"{type(exc).__name__}: {exc}")
+            return []
+        with self.store.transaction():
+            self.store.add_output_bytes(result_id, sum(p.stat().st_size for p in outputs))
+            self.store.enqueue_outputs(result_id, destinations,
+                                       [str(p.relative_to(self.paths.state)) for p in outputs],
+                                       time.time())
+        log.info("result %d: %d DICOM output(s) written, queued for %s", result_id, len(outputs),
+                 ", ".join(destinations))
+        return outputs
 
     def _inject_faults(self, patient_id: str) -> None:
         if self.faults.hits("worker_exit", patient_id):
@@ -377,6 +425,7 @@ def _setup_logging(level: str, role: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stdout,
                         format=f"%(levelname)s {role} %(name)s: %(message)s", force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module
 
 
 def _orphaned(parent_pid: int) -> bool:
@@ -417,6 +466,50 @@ def stabiliser_main(config: Config, state: str, parent_pid: int, stop: MpEvent, 
             stabiliser.tick(time.time())
             if stop.wait(config.daemon.poll_s):
                 break
+
+
+def sender_main(config: Config, state: str, parent_pid: int, stop: MpEvent, ready: MpEvent,
+                heartbeat: Any) -> None:
+    """Deliver the outbox in a loop. While an association is under way (it may wait up to
+    ``send.timeout_s`` per step for a peer that does not answer) a pulse thread keeps the
+    heartbeat for as long as the rows' lease; past it the supervisor sees a hung sender."""
+    from appliance.delivery import Settings, deliver
+
+    paths = Paths(Path(state))
+    _lock = _child_setup("sender", parent_pid, config.general.log_level, paths.state)
+    # each failed attempt is logged once by appliance.delivery, with the reason
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    settings = Settings.from_config(config)
+    busy_until = [0.0]
+    done = threading.Event()
+
+    def pulse() -> None:
+        while not done.wait(config.daemon.heartbeat_s):
+            if time.time() < busy_until[0]:
+                heartbeat.value = time.time()
+
+    def before_send(lease_s: float) -> None:
+        heartbeat.value = time.time()
+        busy_until[0] = time.time() + lease_s
+
+    with Store.open(paths.db) as store:
+        ready.set()
+        thread = threading.Thread(target=pulse, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            while not _orphaned(parent_pid):
+                heartbeat.value = time.time()
+                try:
+                    deliver(store, paths.state, settings, holder=SENDER,
+                            before_send=before_send, stop=stop.is_set)
+                except sqlite3.OperationalError as exc:  # database busy beyond the timeout
+                    log.warning("outbox: %s; trying again", exc)
+                busy_until[0] = 0.0
+                if stop.wait(config.daemon.poll_s):
+                    break
+        finally:
+            done.set()
+            thread.join()
 
 
 def worker_main(config: Config, state: str, parent_pid: int, stop: MpEvent, ready: MpEvent,
@@ -495,6 +588,7 @@ class Supervisor:
         self.port = self.ctx.Value("i", 0, lock=False)
         self.scp = Child("scp", "scp", scp_main)
         self.stabiliser = Child("stabiliser", "stabiliser", stabiliser_main)
+        self.sender = Child("sender", "sender", sender_main)
         self.workers = [Child("worker", "", worker_main, index=i)
                         for i in range(config.daemon.workers)]
         self._last_status = ""
@@ -541,6 +635,7 @@ class Supervisor:
                      self.paths.state, self.config.dicom.ae_title, port, cfg.workers)
             self.notifier.ready(self._status_text())
             self._start(self.stabiliser)
+            self._start(self.sender)
             for worker in self.workers:
                 self._start(worker)
             while not self.stopping:
@@ -588,6 +683,11 @@ class Supervisor:
 
     def _start(self, child: Child, *extra: Any) -> None:
         child.generation += 1
+        if child.role == "sender" and self.store is not None:
+            # no sender of ours is alive: what an earlier one held is free to send now
+            released = self.store.release_leases(SENDER)
+            if released:
+                log.info("outbox: %d file(s) held by a stopped sender released", released)
         if child.role == "worker":
             child.name = f"{self.run_id}-w{child.index}.{child.generation}"
             extra = (child.name,)
@@ -619,7 +719,7 @@ class Supervisor:
     def _tick(self) -> None:
         now = time.time()
         healthy = True
-        for child in (self.scp, self.stabiliser, *self.workers):
+        for child in (self.scp, self.stabiliser, self.sender, *self.workers):
             if child.process is None:
                 if now >= child.restart_at:
                     self._start(child)
@@ -690,9 +790,14 @@ class Supervisor:
     def _status_text(self) -> str:
         assert self.store is not None
         counts = self.store.job_counts()
-        return (f"listening on {self.port.value}; {counts[JobState.QUEUED]} queued, "
+        outbox = self.store.outbox_counts()
+        text = (f"listening on {self.port.value}; {counts[JobState.QUEUED]} queued, "
                 f"{counts[JobState.RUNNING]} running; {counts[JobState.DONE]} done, "
                 f"{counts[JobState.FAILED]} failed")
+        if outbox[OutboxState.PENDING] or outbox[OutboxState.FAILED]:
+            text += (f"; outbox {outbox[OutboxState.PENDING]} pending, "
+                     f"{outbox[OutboxState.FAILED]} failed")
+        return text
 
     def _notify(self, now: float, healthy: bool) -> None:
         if not self.notifier.enabled:
@@ -709,13 +814,21 @@ class Supervisor:
             self._last_status = text
 
     def _stop_children(self) -> None:
-        """Workers first (finish the job within the grace, else requeue it), then the
-        stabiliser, then the SCP."""
+        """Workers and the sender first (finish the job or the association within the grace,
+        else requeue the job), then the stabiliser, then the SCP."""
         cfg = self.config.daemon
-        for child in self.workers:
+        for child in (*self.workers, self.sender):
             if child.stop is not None:
                 child.stop.set()
         deadline = time.monotonic() + cfg.shutdown_grace_s
+        if self.sender.process is not None:
+            self.sender.process.join(max(0.0, deadline - time.monotonic()))
+            if self.sender.process.is_alive():
+                log.warning("the sender did not finish within %g s; its files are sent again "
+                            "when their lease ends", cfg.shutdown_grace_s)
+                self.sender.process.kill()
+                self.sender.process.join(10)
+            self.sender.process = None
         for child in self.workers:
             if child.process is not None:
                 child.process.join(max(0.0, deadline - time.monotonic()))
@@ -739,7 +852,7 @@ class Supervisor:
             child.process = None
 
     def _kill_all(self) -> None:
-        for child in (*self.workers, self.stabiliser, self.scp):
+        for child in (*self.workers, self.sender, self.stabiliser, self.scp):
             if child.process is not None and child.process.is_alive():
                 child.process.kill()
                 child.process.join(10)

@@ -84,6 +84,27 @@ def _job_dict(job) -> dict:
     }
 
 
+def _delivery_dict(d) -> dict:
+    out = {"destination": d.destination, "state": d.state.value, "files": d.files,
+           "sent": d.sent, "pending": d.pending, "failed": d.failed, "attempts": d.attempts,
+           "last_error": d.last_error, "next_attempt_at": d.next_attempt_at,
+           "sent_at": d.sent_at}
+    return out if d.result_id is None else {"result_id": d.result_id, **out}
+
+
+def delivery_report(store, limit: int = 10) -> dict:
+    """The outbox: files per state, each destination's backlog, and the results whose files
+    are not all delivered yet (most recent first)."""
+    from appliance.store import OutboxState
+
+    undelivered = [d for d in store.deliveries() if d.state is not OutboxState.SENT]
+    return {
+        "outbox": {state.value: n for state, n in store.outbox_counts().items()},
+        "destinations": [_delivery_dict(d) for d in store.deliveries_by_destination()],
+        "undelivered": [_delivery_dict(d) for d in reversed(undelivered[-limit:])],
+    }
+
+
 def status_report(store, limit: int = 10, now: float | None = None) -> dict:
     from appliance.store import JobState
 
@@ -96,6 +117,7 @@ def status_report(store, limit: int = 10, now: float | None = None) -> dict:
                     for j in running],
         "recent": [_job_dict(j) for j in store.jobs(limit=limit)],
         "failures": [_job_dict(j) for j in store.jobs(state=JobState.FAILED, limit=limit)],
+        "delivery": delivery_report(store, limit),
     }
 
 
@@ -123,7 +145,26 @@ def format_status(report: dict, now: float | None = None) -> str:
         for j in report["failures"]:
             lines.append(f"  job {j['id']:<5} {_when(j['finished_at'])}  patient {j['patient_id']}"
                          f"  stage {j['stage']}: {j['reason']}")
+    delivery = report.get("delivery")
+    if delivery and delivery["destinations"]:
+        o = delivery["outbox"]
+        lines += ["", f"Delivery: {o['pending']} pending, {o['sent']} sent, {o['failed']} failed"]
+        for d in delivery["destinations"]:
+            lines.append("  " + _delivery_line(d))
+        if delivery["undelivered"]:
+            lines += ["", "Not delivered yet:"]
+            for d in delivery["undelivered"]:
+                lines.append(f"  result {d['result_id']:<5} " + _delivery_line(d))
     return "\n".join(lines)
+
+
+def _delivery_line(d: dict) -> str:
+    text = f"{d['destination']:<28} {d['sent']} sent, {d['pending']} pending, {d['failed']} failed"
+    if d["pending"] and d["next_attempt_at"]:
+        text += f"; next attempt {_when(d['next_attempt_at'])}"
+    if d["last_error"] and d["state"] != "sent":
+        text += f"; last error: {d['last_error']}"
+    return text
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -232,7 +273,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="queue, running and recent jobs, failures (read-only)")
+    p = sub.add_parser("status", help="queue, running and recent jobs, failures, delivery to "
+                                      "PACS (read-only)")
     common(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--limit", type=int, default=10, help="recent jobs and failures shown")

@@ -2,7 +2,8 @@
 
 One database per state directory (``<state_dir>/appliance.db``). Writers are the daemon's
 processes (the SCP records instances, the stabiliser queues jobs, workers claim and finish
-them, the supervisor requeues the jobs of dead workers); the dashboard, ``appliance status``
+them, the supervisor requeues the jobs of dead workers, the sender and ``appliance send``
+record deliveries); the dashboard, ``appliance status``
 and ``appliance history`` open it read-only (:meth:`Store.open` with ``readonly=True``).
 
 Migrations are numbered by ``PRAGMA user_version``: ``MIGRATIONS[i]`` takes a database from
@@ -15,6 +16,12 @@ never analysed twice at once whatever the processes do. Every state change write
 append-only ``events`` table (triggers refuse UPDATE and DELETE there), keyed by
 :class:`EventKind`.
 
+The outbox holds one row per (result, destination, file): pending until the peer stores the
+file (sent) or refuses it for good or the attempts run out (failed). A sender takes rows with a
+lease (:meth:`Store.claim_outbox`), so the daemon's sender and `appliance send` never send the
+same row at once; a failed attempt schedules the next by
+:func:`appliance.dicom.send.next_attempt_delay`.
+
 Times are seconds since the epoch (``time.time()``); dates are ISO strings.
 """
 
@@ -24,14 +31,18 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.pipeline.serial import ScanPoint
+
+if TYPE_CHECKING:
+    from appliance.dicom.send import RetryPolicy
 
 DB_NAME = "appliance.db"
 BUSY_TIMEOUT_S = 30.0
@@ -111,6 +122,22 @@ class EventKind(StrEnum):
     PATIENT_EDITED = "patient_edited"
     REVIEW_ADDED = "review_added"
     SERIES_PURGED = "series_purged"
+    OUTPUTS_QUEUED = "outputs_queued"
+    """A result's DICOM outputs were put in the outbox for one or more destinations."""
+    OUTPUTS_SENT = "outputs_sent"
+    OUTPUTS_RETRY = "outputs_retry"
+    """A delivery attempt failed for a transient reason; the files wait for the next one."""
+    OUTPUTS_FAILED = "outputs_failed"
+    """Files given up on (refused by the peer, unreadable, out of attempts), or a result's
+    outputs that could not be written."""
+    OUTPUTS_REQUEUED = "outputs_requeued"
+    """Staff asked for a result's files to be sent again (`appliance send RESULT_ID`)."""
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
 
 
 # ----------------------------------------------------------------------------- schema
@@ -224,6 +251,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
            BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
     ),
+    (  # 1 -> 2: the outbox, one row per (result, destination, file)
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            result_id INTEGER NOT NULL REFERENCES results(id),
+            destination TEXT NOT NULL,
+            path TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            deliveries INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            lease_until REAL,
+            leased_by TEXT,
+            last_error TEXT,
+            sent_at REAL,
+            UNIQUE (result_id, destination, path)
+        )""",
+        "CREATE INDEX outbox_due ON outbox(state, next_attempt_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -335,6 +381,69 @@ class Event:
     job_id: int | None
     patient_id: str | None
     detail: str | None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One file of a result waiting for (or done with) one destination."""
+
+    id: int
+    result_id: int
+    destination: str
+    """``AE@host:port``, as :meth:`appliance.dicom.send.Destination.parse` reads it."""
+    path: str
+    """Relative to the state directory (absolute when it lies outside)."""
+    state: OutboxState
+    attempts: int
+    """Delivery attempts so far, failed or not."""
+    deliveries: int
+    """Times the peer stored it: 1 once sent; a requested re-send adds one."""
+    created_at: float
+    next_attempt_at: float
+    lease_until: float | None
+    """While a sender holds it: nobody else sends it before this time."""
+    leased_by: str | None
+    """The sender holding it (``daemon``, ``cli:<pid>``)."""
+    last_error: str | None
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where the files of one result stand with one destination (dashboard, status)."""
+
+    result_id: int | None
+    """None in a summary over every result (:meth:`Store.deliveries_by_destination`)."""
+    destination: str
+    files: int
+    sent: int
+    pending: int
+    failed: int
+    attempts: int
+    """The most attempts any of the files has had."""
+    last_error: str | None
+    """The latest error of a file not delivered yet (None once every file is sent)."""
+    next_attempt_at: float | None
+    """The earliest next attempt of a pending file."""
+    sent_at: float | None
+    """When the last file was delivered, once all are."""
+
+    @property
+    def state(self) -> OutboxState:
+        """failed when any file failed for good, sent when all are, else pending."""
+        if self.failed:
+            return OutboxState.FAILED
+        return OutboxState.SENT if self.sent == self.files else OutboxState.PENDING
+
+
+_OUTBOX_COLUMNS = ("id, result_id, destination, path, state, attempts, deliveries, created_at, "
+                   "next_attempt_at, lease_until, leased_by, last_error, sent_at")
+
+
+def _outbox_item(row: sqlite3.Row | tuple) -> OutboxItem:
+    values = list(row)
+    values[4] = OutboxState(values[4])
+    return OutboxItem(*values)
 
 
 @dataclass(frozen=True)
@@ -959,6 +1068,232 @@ class Store:
         )
         return [Event(i, at, EventKind(k), s, j, p, d) for i, at, k, s, j, p, d in reversed(rows)]
 
+    # ------------------------------------------------------------------ outbox
+
+    def result(self, result_id: int) -> ScanResult | None:
+        """One stored result by id."""
+        rows = self._query("SELECT id, job_id, series_uid, acquired_at, created_at, result_json, "
+                           "result_path FROM results WHERE id = ?", (result_id,))
+        if not rows:
+            return None
+        rid, jid, uid, acq, created, text, path = rows[0]
+        return ScanResult(rid, jid, uid, acq, created, json.loads(text), path)
+
+    def enqueue_outputs(self, result_id: int, destinations: Sequence[str], paths: Sequence[str],
+                        now: float | None = None) -> int:
+        """Put the result's files (``paths``, relative to the state directory) in the outbox for
+        every destination; returns the rows added. Idempotent: a (result, destination, file)
+        already there is left as it is (a unique constraint), so nothing is queued twice."""
+        _check_int("result_id", result_id)
+        for name, values in (("destinations", destinations), ("paths", paths)):
+            if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+                raise TypeError(f"`{name}` must be a sequence of non-empty str, got {values!r}")
+        now = time.time() if now is None else now
+        with self.transaction() as c:
+            owner = self._result_owner(result_id)
+            added = 0
+            for destination in destinations:
+                for path in paths:
+                    added += c.execute(
+                        "INSERT INTO outbox (result_id, destination, path, state, created_at, "
+                        "next_attempt_at) VALUES (?, ?, ?, 'pending', ?, ?) "
+                        "ON CONFLICT(result_id, destination, path) DO NOTHING",
+                        (result_id, destination, path, now, now)).rowcount
+            if added:
+                self._event(EventKind.OUTPUTS_QUEUED, **owner, at=now,
+                            detail=f"result {result_id}: {added} file(s) for "
+                                   f"{', '.join(destinations)}")
+            return added
+
+    def add_output_bytes(self, result_id: int, nbytes: int) -> None:
+        """Count the result's DICOM outputs in its bytes on disk (retention by disk usage)."""
+        with self.transaction() as c:
+            self._result_owner(result_id)
+            c.execute("UPDATE results SET bytes = bytes + ? WHERE id = ?", (int(nbytes), result_id))
+
+    def _result_owner(self, result_id: int) -> dict[str, str]:
+        row = self._conn.execute("SELECT series_uid, patient_id FROM results WHERE id = ?",
+                                 (result_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"`result_id` must name a stored result, got {result_id!r}")
+        return {"series_uid": row[0], "patient_id": row[1]}
+
+    def claim_outbox(self, now: float, lease_s: float | Callable[[int], float], *, holder: str,
+                     due_only: bool = True, result_id: int | None = None,
+                     destination: str | None = None, limit: int = 500) -> list[OutboxItem]:
+        """Take pending items that no sender holds, and hold them for ``holder`` for ``lease_s``
+        seconds (or ``lease_s(n)`` for the n items taken) so that no other sender (the
+        daemon's, `appliance send`) sends them meanwhile; a sender that dies leaves them to be
+        taken again when the lease ends, or when :meth:`release_leases` gives its items back.
+        ``due_only`` takes only those whose next attempt is due (False: `appliance send` sends
+        now)."""
+        if not callable(lease_s) and not lease_s > 0:
+            raise ValueError(f"`lease_s` must be > 0, got {lease_s!r}")
+        if not isinstance(holder, str) or not holder:
+            raise ValueError(f"`holder` must name the sender, got {holder!r}")
+        where = ["state = 'pending'", "(lease_until IS NULL OR lease_until <= ?)"]
+        params: list[object] = [now]
+        if due_only:
+            where.append("next_attempt_at <= ?")
+            params.append(now)
+        if result_id is not None:
+            where.append("result_id = ?")
+            params.append(result_id)
+        if destination is not None:
+            where.append("destination = ?")
+            params.append(destination)
+        with self.transaction() as c:
+            ids = [r[0] for r in c.execute(
+                f"SELECT id FROM outbox WHERE {' AND '.join(where)} "
+                "ORDER BY next_attempt_at, id LIMIT ?", (*params, limit))]
+            until = now + (lease_s(len(ids)) if callable(lease_s) else lease_s)
+            c.executemany("UPDATE outbox SET lease_until = ?, leased_by = ? WHERE id = ?",
+                          [(until, holder, i) for i in ids])
+            return [self._outbox_item(i) for i in ids]
+
+    def pending_destinations(self, now: float, *, due_only: bool = True,
+                             result_id: int | None = None) -> list[str]:
+        """Destinations with pending rows no sender holds (due ones only, by default)."""
+        sql = ("SELECT DISTINCT destination FROM outbox WHERE state = 'pending' "
+               "AND (lease_until IS NULL OR lease_until <= ?)")
+        params: list[object] = [now]
+        if due_only:
+            sql += " AND next_attempt_at <= ?"
+            params.append(now)
+        if result_id is not None:
+            sql += " AND result_id = ?"
+            params.append(result_id)
+        return [r[0] for r in self._query(sql + " ORDER BY destination", params)]
+
+    def _outbox_item(self, item_id: int) -> OutboxItem:
+        row = self._conn.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?",
+                                 (item_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"`item_id` must name an outbox row, got {item_id!r}")
+        return _outbox_item(row)
+
+    def mark_sent(self, item_id: int, now: float) -> OutboxItem:
+        """The peer stored the file: sent, one more delivery, the lease released."""
+        with self.transaction() as c:
+            self._outbox_item(item_id)
+            c.execute("UPDATE outbox SET state = 'sent', attempts = attempts + 1, "
+                      "deliveries = deliveries + 1, sent_at = ?, lease_until = NULL, "
+                      "leased_by = NULL WHERE id = ?",
+                      (now, item_id))
+            return self._outbox_item(item_id)
+
+    def mark_failed(self, item_id: int, error: str, now: float, *, retry: bool,
+                    policy: RetryPolicy | None = None, max_attempts: int = 50) -> OutboxItem:
+        """An attempt failed with ``error``. ``retry`` (a transient failure) schedules the next
+        attempt after :func:`appliance.dicom.send.next_attempt_delay` of the attempts so far,
+        until ``max_attempts``; otherwise, or then, the item is failed for good."""
+        from appliance.dicom.send import DEFAULT_RETRY, next_attempt_delay
+
+        if not isinstance(error, str) or not error:
+            raise ValueError(f"`error` must be a non-empty message, got {error!r}")
+        if max_attempts < 1:
+            raise ValueError(f"`max_attempts` must be >= 1, got {max_attempts!r}")
+        with self.transaction() as c:
+            attempts = self._outbox_item(item_id).attempts + 1
+            if retry and attempts < max_attempts:
+                delay = next_attempt_delay(attempts, policy or DEFAULT_RETRY)
+                c.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ?, "
+                          "lease_until = NULL, leased_by = NULL WHERE id = ?",
+                          (attempts, error, now + delay, item_id))
+            else:
+                if retry:
+                    error = f"{error} (gave up after {attempts} attempts)"
+                c.execute("UPDATE outbox SET state = 'failed', attempts = ?, last_error = ?, "
+                          "lease_until = NULL, leased_by = NULL WHERE id = ?",
+                          (attempts, error, item_id))
+            return self._outbox_item(item_id)
+
+    def release_leases(self, holder: str) -> int:
+        """Give back, without counting an attempt, every item ``holder`` holds: the supervisor
+        calls it for its sender once that process is gone (killed or dead), so the files do not
+        wait for the lease to end. Returns the items released."""
+        with self.transaction() as c:
+            return c.execute("UPDATE outbox SET lease_until = NULL, leased_by = NULL "
+                             "WHERE leased_by = ?", (holder,)).rowcount
+
+    def requeue_outputs(self, result_id: int, destinations: Sequence[str] | None = None,
+                        now: float | None = None) -> int:
+        """Send a result's files again (`appliance send RESULT_ID`): its rows (for
+        ``destinations``, or all) become pending and due now with their attempts reset, whatever
+        their state. Returns the rows requeued."""
+        _check_int("result_id", result_id)
+        now = time.time() if now is None else now
+        with self.transaction() as c:
+            owner = self._result_owner(result_id)
+            sql = ("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ? "
+                   "WHERE result_id = ?")
+            params: list[object] = [now, result_id]
+            if destinations is not None:
+                sql += f" AND destination IN ({', '.join('?' * len(destinations))})"
+                params += list(destinations)
+            count = c.execute(sql, params).rowcount
+            if count:
+                self._event(EventKind.OUTPUTS_REQUEUED, **owner, at=now,
+                            detail=f"result {result_id}: {count} file(s) to send again")
+            return count
+
+    def outbox_event(self, kind: EventKind, result_id: int, detail: str, now: float) -> None:
+        """An OUTPUTS_* event about a result (its series and patient filled in)."""
+        with self.transaction():
+            self._event(kind, **self._result_owner(result_id), at=now, detail=detail)
+
+    def outbox_items(self, *, result_id: int | None = None, destination: str | None = None,
+                     state: OutboxState | None = None) -> list[OutboxItem]:
+        where, params = [], []
+        for column, value in (("result_id", result_id), ("destination", destination),
+                              ("state", None if state is None else OutboxState(state).value)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        rows = self._query(f"SELECT {_OUTBOX_COLUMNS} FROM outbox "
+                           + (f"WHERE {' AND '.join(where)} " if where else "") + "ORDER BY id",
+                           params)
+        return [_outbox_item(r) for r in rows]
+
+    def outbox_counts(self) -> dict[OutboxState, int]:
+        counts = dict(self._query("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
+        return {state: int(counts.get(state.value, 0)) for state in OutboxState}
+
+    def deliveries(self, result_ids: Sequence[int] | None = None) -> list[Delivery]:
+        """Per result and destination: how many files are sent, pending, failed, and the latest
+        error (for the dashboard and `appliance status`). All results when ``result_ids`` is
+        None; ordered by result, then destination."""
+        return self._deliveries(("result_id",), result_ids)
+
+    def deliveries_by_destination(self) -> list[Delivery]:
+        """The same over all results, one per destination (``result_id`` None)."""
+        return self._deliveries((), None)
+
+    def _deliveries(self, by: tuple[str, ...], result_ids: Sequence[int] | None) -> list[Delivery]:
+        keys = ", ".join((*by, "destination"))
+        where, params = "", []
+        if result_ids is not None:
+            where = f"WHERE o.result_id IN ({', '.join('?' * len(result_ids))})"
+            params = list(result_ids)
+        match = " AND ".join(f"x.{k} = o.{k}" for k in (*by, "destination"))
+        rows = self._query(
+            f"""SELECT {', '.join(f'o.{k}' for k in (*by, 'destination'))}, COUNT(*),
+                       SUM(o.state = 'sent'), SUM(o.state = 'pending'), SUM(o.state = 'failed'),
+                       MAX(o.attempts),
+                       (SELECT x.last_error FROM outbox x WHERE {match} AND x.state != 'sent'
+                        AND x.last_error IS NOT NULL ORDER BY x.attempts DESC, x.id DESC LIMIT 1),
+                       MIN(CASE WHEN o.state = 'pending' THEN o.next_attempt_at END),
+                       CASE WHEN SUM(o.state != 'sent') = 0 THEN MAX(o.sent_at) END
+                FROM outbox o {where} GROUP BY {keys} ORDER BY {keys}""", params)
+        out = []
+        for row in rows:
+            result_id = row[0] if by else None
+            rest = row[1:] if by else row
+            dest, files, sent, pending, failed, attempts, error, next_at, sent_at = rest
+            out.append(Delivery(result_id, dest, int(files), int(sent), int(pending), int(failed),
+                                int(attempts), error, next_at, sent_at))
+        return out
+
     # ------------------------------------------------------------------ retention
 
     def purge_candidates(self) -> list[PurgeCandidate]:
@@ -1015,6 +1350,11 @@ class Store:
             self._event(EventKind.SERIES_PURGED, series_uid=series_uid, at=now, detail=why,
                         patient_id=self.series_patient(series_uid))
             return True
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
 
 
 def _parse_datetime(text: str | None) -> datetime | None:
