@@ -197,9 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance import daemon_cli
 
     daemon_cli.add_parsers(sub)
+    from appliance import tui
+
+    tui.add_parser(sub)
+    from appliance import send_cli
+
+    send_cli.register(sub)
     from engines import cli as engines_cli
 
     engines_cli.add_parser(sub)
+    from appliance.research import cli as research_cli
+
+    research_cli.register(sub)
     return parser
 
 
@@ -232,4 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m appliance.cli`: run the imported module, whose Refused is the class the
+    # subcommand modules raise (this __main__ copy has a Refused of its own)
+    from appliance.cli import main as _main
+
+    sys.exit(_main())

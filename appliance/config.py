@@ -203,6 +203,66 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class SendConfig:
+    """Sending each result's DICOM SEG, SR and key images to PACS (the outbox, `appliance send`)."""
+
+    destinations: tuple[str, ...] = ()
+    """Peers that receive every result, as AE@host:port (e.g. PACS@10.0.0.5:104); empty sends
+    nothing. Our calling AE title is dicom.ae_title."""
+    timeout_s: float = 30.0
+    """Limit for connecting, negotiating and each C-STORE response."""
+    retry_base_s: float = 30.0
+    """Wait after the first failed attempt; each further failure multiplies it by retry_factor."""
+    retry_factor: float = 2.0
+    retry_max_s: float = 3600.0
+    """Longest wait between attempts (a PACS down overnight is retried hourly)."""
+    max_attempts: int = 50
+    """A file still not delivered after this many attempts is marked failed (about two days with
+    the default backoff); `appliance send` can send it again."""
+
+    def __post_init__(self) -> None:
+        from appliance.dicom.send import Destination
+
+        for text in self.destinations:
+            try:
+                Destination.parse(text)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"`send.destinations` must hold AE@host:port entries, "
+                                  f"got {text!r} ({exc})") from None
+        if len(set(self.destinations)) != len(self.destinations):
+            raise ConfigError(f"`send.destinations` lists a destination twice: {self.destinations}")
+        for name in ("timeout_s", "retry_base_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`send.{name}` must be > 0, got {getattr(self, name)}")
+        if not self.retry_factor >= 1:
+            raise ConfigError(f"`send.retry_factor` must be >= 1, got {self.retry_factor}")
+        if not self.retry_max_s >= self.retry_base_s:
+            raise ConfigError(f"`send.retry_max_s` must be >= send.retry_base_s "
+                              f"({self.retry_base_s}), got {self.retry_max_s}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"`send.max_attempts` must be >= 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """The technologist's terminal dashboard (`appliance dashboard`)."""
+
+    refresh_s: float = 0.5
+    """How often the dashboard polls the store for changes (one cheap query)."""
+    alert_plo_pct: float = 25.0
+    """Alert when a scan's whole-lung PLO is above this (25%: Pan et al.'s lobe score 3 band)."""
+    alert_progress_pts: float = 5.0
+    """Alert when whole-lung PLO rose by at least this many points since the previous scan."""
+
+    def __post_init__(self) -> None:
+        if not self.refresh_s > 0:
+            raise ConfigError(f"`dashboard.refresh_s` must be > 0, got {self.refresh_s}")
+        for name in ("alert_plo_pct", "alert_progress_pts"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"`dashboard.{name}` must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
@@ -211,6 +271,8 @@ class Config:
     serial: SerialConfig = field(default_factory=SerialConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    send: SendConfig = field(default_factory=SendConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 def _suggest(name: str, valid: list[str]) -> str:
