@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,10 @@ STAGES: dict[str, StageSpec] = {
     "lobes": StageSpec(
         name="lobes",
         classes=("background", "RUL", "RML", "RLL", "LUL", "LLL"),
-        spacing_mm=(3.0, 3.0, 3.0),
-        tile_shape=(128, 128, 128),
+        # One tile holds the whole chest (320 x 400 x 400 mm), so every voxel sees the
+        # mediastinum, diaphragm and apices that tell the lobes apart; trained on full tiles.
+        spacing_mm=(5.0, 5.0, 5.0),
+        tile_shape=(64, 80, 80),
         hu_min=-1024.0,
         hu_max=600.0,
         allow_flip=False,
@@ -441,6 +444,10 @@ class ValidationDataset(torch.utils.data.Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    # A stop signal sent to the whole process group (Ctrl-C, `kill -- -PGID`, systemd) is the
+    # trainer's to handle: it saves and then shuts its workers down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def chunk_loader(dataset: torch.utils.data.Dataset, start: int, workers: int,

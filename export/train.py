@@ -55,10 +55,12 @@ CHECKPOINTS = ROOT / "out" / "checkpoints"
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Widths chosen from the ONNX Runtime CPU timing table (`python -m export.onnx bench`):
     # lobes 1-2 tiles x 1.0 s + opacity 8-12 tiles x 0.31 s stays under ~6 s per scan.
-    "lobes": {"base": 12, "top_convs": 1, "batch": 2, "crops": 2, "group": 4,
-              "real_fraction": 0.15},
+    "lobes": {"base": 8, "top_convs": 1, "batch": 2, "crops": 2, "group": 4,
+              "real_fraction": 0.15, "crop": None, "coords": 1,
+              "lr": 3e-3},
     "opacity": {"base": 8, "top_convs": 1, "batch": 4, "crops": 8, "group": 2,
-                "real_fraction": 0.25},
+                "real_fraction": 0.25, "crop": (32, 96, 96), "coords": 0,
+                "lr": 2e-3},
 }
 DICE_SMOOTH = 1.0
 WARMUP = 0.03
@@ -78,6 +80,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     base: int = 8
     top_convs: int = 1
+    coords: int = 0
     workers: int = 1
     crops: int = 4
     group: int = 2
@@ -216,7 +219,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.unet = UNetConfig(n_classes=self.spec.n_classes, base=cfg.base,
-                               top_convs=cfg.top_convs)
+                               top_convs=cfg.top_convs, coords=cfg.coords)
         self.tile = tuple(cfg.crop) if cfg.crop else self.spec.tile_shape
         check_tile_shape(self.tile, self.unet)  # type: ignore[arg-type]
         self.data_cfg = DataConfig(
@@ -259,7 +262,7 @@ class Trainer:
         if not self.last_path.exists():
             return
         state = torch.load(self.last_path, map_location=self.device, weights_only=False)
-        if state["unet"] != self.unet.to_dict() or state["stage"] != self.cfg.stage:
+        if UNetConfig.from_dict(state["unet"]) != self.unet or state["stage"] != self.cfg.stage:
             raise ValueError(f"`{self.last_path}` was trained with another network or stage: "
                              f"{state['unet']}; move it away to start afresh")
         if state["seed"] != self.cfg.seed:
@@ -470,7 +473,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--steps", type=int, help="total optimiser steps (defines the LR schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--coords", type=int, choices=(0, 1), help="position channels (see export.unet)")
     p.add_argument("--base", type=int, help="U-Net base channels")
     p.add_argument("--top-convs", type=int, choices=(1, 2))
     p.add_argument("--workers", type=int, default=default_workers(), help="data worker processes")
@@ -498,11 +502,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     return TrainConfig(
         stage=a.stage, seed=a.seed, device=a.device, steps=a.steps, minutes=a.minutes,
-        batch=pick(a.batch, "batch"), lr=a.lr, base=pick(a.base, "base"),
+        batch=pick(a.batch, "batch"), lr=pick(a.lr, "lr"), coords=pick(a.coords, "coords"),
+        base=pick(a.base, "base"),
         top_convs=pick(a.top_convs, "top_convs"), workers=a.workers, crops=pick(a.crops, "crops"),
         group=pick(a.group, "group"), real_fraction=pick(a.real_fraction, "real_fraction"),
         real_dir=a.real_dir, val_every=a.val_every, val_samples=a.val_samples,
-        log_every=a.log_every, checkpoint_minutes=a.checkpoint_minutes, crop=a.crop, out=a.out,
+        log_every=a.log_every, checkpoint_minutes=a.checkpoint_minutes, crop=pick(a.crop, "crop"), out=a.out,
         threads=a.threads, augment=not a.no_augment, export=a.export, models_dir=a.models_dir,
     )
 

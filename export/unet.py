@@ -26,6 +26,10 @@ class UNetConfig:
     """Channel count cap for the deep levels (keeps the file small at large `base`)."""
     top_convs: int = 2
     """Convolutions per block at full resolution (1 halves the cost of the costliest level)."""
+    coords: int = 0
+    """1: append three position channels (-1..1 along each tile axis) to the input and to the
+    last decoder block. Lobe identity depends on where a voxel sits in the chest; with one tile
+    centred on the chest these channels give the network that position directly."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_classes, int) or self.n_classes < 2:
@@ -36,6 +40,8 @@ class UNetConfig:
             raise ValueError(f"`levels` must be an int in 2..6, got {self.levels!r}")
         if self.top_convs not in (1, 2):
             raise ValueError(f"`top_convs` must be 1 or 2, got {self.top_convs!r}")
+        if self.coords not in (0, 1):
+            raise ValueError(f"`coords` must be 0 or 1, got {self.coords!r}")
 
     def channels(self) -> list[int]:
         return [min(self.base * 2**i, self.max_channels) for i in range(self.levels)]
@@ -50,7 +56,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> UNetConfig:
-        names = ("n_classes", "base", "levels", "in_channels", "max_channels", "top_convs")
+        names = ("n_classes", "base", "levels", "in_channels", "max_channels", "top_convs", "coords")
         fields = {k: raw[k] for k in names if k in raw}
         return cls(**fields)
 
@@ -76,8 +82,9 @@ class UNet3D(nn.Module):
         super().__init__()
         self.config = config
         ch = config.channels()
+        n_pos = 3 if config.coords else 0
         self.down = nn.ModuleList()
-        c_prev = config.in_channels
+        c_prev = config.in_channels + n_pos
         for i, c in enumerate(ch):
             self.down.append(ConvBlock(c_prev, c, config.top_convs if i == 0 else 2))
             c_prev = c
@@ -86,7 +93,8 @@ class UNet3D(nn.Module):
         self.dec = nn.ModuleList()
         for i, c_skip in reversed(list(enumerate(ch[:-1]))):
             self.up.append(nn.ConvTranspose3d(c_prev, c_skip, 2, stride=2))
-            self.dec.append(ConvBlock(2 * c_skip, c_skip, config.top_convs if i == 0 else 2))
+            extra = n_pos if i == 0 else 0
+            self.dec.append(ConvBlock(2 * c_skip + extra, c_skip, config.top_convs if i == 0 else 2))
             c_prev = c_skip
         self.head = nn.Conv3d(ch[0], config.n_classes, 1)
         self._init_weights()
@@ -97,18 +105,37 @@ class UNet3D(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.head.weight, std=0.01)
+        # The head keeps PyTorch's default init: a tiny head (std 0.01) behind BatchNorm made
+        # Adam need hundreds of steps just to grow the logits before any class could win.
+        self.head.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = position_channels(x) if self.config.coords else None
+        if pos is not None:
+            x = torch.cat([x, pos], dim=1)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
             if i < len(self.down) - 1:
                 skips.append(x)
                 x = self.pool(x)
-        for up, dec, skip in zip(self.up, self.dec, reversed(skips), strict=True):
-            x = dec(torch.cat([up(x), skip], dim=1))
+        for k, (up, dec, skip) in enumerate(zip(self.up, self.dec, reversed(skips), strict=True)):
+            parts = [up(x), skip]
+            if pos is not None and k == len(self.dec) - 1:
+                parts.append(pos)
+            x = dec(torch.cat(parts, dim=1))
         return self.head(x)
+
+
+def position_channels(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, D, H, W): each voxel's position along the tile's three axes, -1 at the first voxel
+    and +1 at the last. Built from cumulative sums so the ONNX graph needs no shape arithmetic."""
+    ones = torch.ones_like(x[:, :1])
+    out = []
+    for dim in (2, 3, 4):
+        idx = torch.cumsum(ones, dim=dim)
+        out.append(2.0 * (idx - 1.0) / (idx.amax(dim=(2, 3, 4), keepdim=True) - 1.0).clamp_min(1.0) - 1.0)
+    return torch.cat(out, dim=1)
 
 
 def build(config: UNetConfig) -> UNet3D:

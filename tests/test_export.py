@@ -340,9 +340,24 @@ def test_train_cli_refuses_bad_values(capsys):
 TINY_TILE = (16, 32, 32)
 
 
-def _tiny_model(classes=3, seed=0):
+def test_position_channels_span_each_tile_axis():
+    from export.unet import position_channels
+
+    pos = position_channels(torch.zeros(2, 1, 4, 5, 6))
+    assert pos.shape == (2, 3, 4, 5, 6)
+    assert torch.allclose(pos[0, 0, :, 0, 0], torch.linspace(-1, 1, 4))
+    assert torch.allclose(pos[1, 1, 0, :, 0], torch.linspace(-1, 1, 5))
+    assert torch.allclose(pos[0, 2, 3, 4, :], torch.linspace(-1, 1, 6))
+    # the network really sees them: the same image in two tiles of a model with coords differs
+    model = UNet3D(UNetConfig(n_classes=2, base=2, top_convs=1, coords=1)).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 8, 8, 8))
+    assert not torch.allclose(out[..., 0, 0, 0], out[..., 7, 7, 7])
+
+
+def _tiny_model(classes=3, seed=0, coords=0):
     torch.manual_seed(seed)
-    model = UNet3D(UNetConfig(n_classes=classes, base=4, top_convs=1))
+    model = UNet3D(UNetConfig(n_classes=classes, base=4, top_convs=1, coords=coords))
     # Non-trivial BatchNorm statistics, so folding them into the convolutions is exercised.
     with torch.no_grad():
         for m in model.modules():
@@ -362,13 +377,14 @@ def _smooth_tiles(n, shape=TINY_TILE, seed=0):
     return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
 
 
-def test_onnx_round_trip_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("coords", [0, 1])
+def test_onnx_round_trip_matches_pytorch(tmp_path, coords):
     pytest.importorskip("onnx")
     import onnx
 
     from export.onnx import compare, export_onnx, ort_run, ort_session
 
-    model = _tiny_model()
+    model = _tiny_model(coords=coords)
     path = export_onnx(model, TINY_TILE, tmp_path / "m.onnx")
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version == 17
@@ -428,7 +444,7 @@ def test_export_stage_writes_a_manifest_the_runtime_loads(tmp_path, monkeypatch)
                            "output", "input_name", "output_name", "batch", "architecture",
                            "training", "metrics"]
     assert lobes["classes"] == ["background", "RUL", "RML", "RLL", "LUL", "LLL"]
-    assert lobes["spacing_mm"] == [3.0, 3.0, 3.0] and lobes["output"] == "logits"
+    assert lobes["spacing_mm"] == list(D.STAGES["lobes"].spacing_mm) and lobes["output"] == "logits"
     assert manifest["models"]["opacity"]["normalization"] == {"hu_min": -1024.0, "hu_max": 400.0}
     specs = load_manifest(tmp_path / "models")
     for precision in ("fp32", "fp16"):
