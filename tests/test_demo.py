@@ -1,0 +1,43 @@
+"""`appliance demo --headless`: the newcomer's first command, end to end with the shipped models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appliance.store import JobState, Store
+from tests.paths import ROOT
+
+DEMO_PATIENTS = 3
+SCANS_PER_PATIENT = 2  # baseline + one follow-up each
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_headless_demo_reports_every_scan_and_the_serial_change(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "demo", "--headless", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    store = Store.open(tmp_path / "state" / "appliance.db", readonly=True)
+    try:
+        counts = store.job_counts()
+        assert counts.get(JobState.DONE, 0) == DEMO_PATIENTS * SCANS_PER_PATIENT, counts
+        assert not counts.get(JobState.FAILED), counts
+        patients = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("Patient ")}
+        assert len(patients) == DEMO_PATIENTS, proc.stdout
+        for pid in patients:
+            scans = store.scans(pid)
+            assert len(scans) == SCANS_PER_PATIENT
+            comparison = store.serial(pid)
+            assert comparison, f"no serial comparison for {pid}"
+    finally:
+        store.close()
+    # the printed history shows the change against baseline, and the phantom truth beside it
+    assert proc.stdout.count("truth") >= DEMO_PATIENTS, proc.stdout
+    assert elapsed < 300
