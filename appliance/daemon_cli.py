@@ -17,27 +17,34 @@ from pathlib import Path
 EXIT_OK = 0
 
 
-def _refused(message: str) -> Exception:
+def refused(message: str) -> Exception:
     from appliance.cli import Refused
 
     return Refused(message)
 
 
-def _state_dir(args: argparse.Namespace):
+def add_state_args(p: argparse.ArgumentParser) -> None:
+    """`--config` and `--state-dir`, shared by every subcommand that touches the store."""
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="state directory (default: the config's general.state_dir)")
+
+
+def state_dir(args: argparse.Namespace):
     from appliance.config import load_config
 
     config = load_config(args.config)
     return config, Path(args.state_dir or config.general.state_dir)
 
 
-def _open_store(args: argparse.Namespace):
+def open_store(args: argparse.Namespace):
     from appliance.store import Store, StoreError
 
-    _config, state = _state_dir(args)
+    _config, state = state_dir(args)
     try:
         return Store.open(state / "appliance.db", readonly=True)
     except StoreError as exc:
-        raise _refused(str(exc)) from None
+        raise refused(str(exc)) from None
 
 
 def _when(t: float | None) -> str:
@@ -56,7 +63,7 @@ def _pct(value: float | None) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.daemon import serve
 
-    config, state = _state_dir(args)
+    config, state = state_dir(args)
     # journald takes stdout; the supervisor and every child log there
     logging.basicConfig(level=getattr(logging, config.general.log_level.upper(), logging.INFO),
                         stream=sys.stdout, format="%(levelname)s supervisor %(name)s: %(message)s",
@@ -67,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(config, state)
     except StoreError as exc:  # a database from a newer release, processes left running
-        raise _refused(str(exc)) from None
+        raise refused(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- status
@@ -168,7 +175,7 @@ def _delivery_line(d: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
+    with open_store(args) as store:
         report = status_report(store, limit=args.limit)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
@@ -182,7 +189,7 @@ def history_report(store, patient_id: str) -> dict:
 
     patient = store.patient(patient_id)
     if patient is None:
-        raise _refused(f"no patient {patient_id!r} in the store")
+        raise refused(f"no patient {patient_id!r} in the store")
     scans = []
     for scan in store.scans(patient_id):
         r = scan.result
@@ -252,7 +259,7 @@ def format_history(report: dict) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
+    with open_store(args) as store:
         report = history_report(store, args.patient_id)
     print(json.dumps(report, indent=2) if args.json else format_history(report))
     return EXIT_OK
@@ -264,24 +271,19 @@ def cmd_history(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `serve`, `status` and `history` to the CLI's subparsers."""
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="TOML config file")
-        p.add_argument("--state-dir", metavar="DIR",
-                       help="state directory (default: the config's general.state_dir)")
-
     p = sub.add_parser("serve", help="run the DICOM receiver and the analysis daemon")
-    common(p)
+    add_state_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="queue, running and recent jobs, failures, delivery to "
                                       "PACS (read-only)")
-    common(p)
+    add_state_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--limit", type=int, default=10, help="recent jobs and failures shown")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("history", help="a patient's scans: PLO per region and serial changes")
-    common(p)
+    add_state_args(p)
     p.add_argument("patient_id", metavar="PATIENT_ID")
     p.add_argument("--json", action="store_true", help="print the history as JSON")
     p.set_defaults(func=cmd_history)

@@ -20,15 +20,12 @@ import logging
 import os
 from pathlib import Path
 
+from appliance.daemon_cli import add_state_args, state_dir
+from appliance.daemon_cli import refused as _refused
+
 EXIT_OK, EXIT_NOT_DELIVERED = 0, 1
 ALL_FILES = 100_000
 """Files per destination in one `appliance send` (one association): all of them."""
-
-
-def _refused(message: str) -> Exception:
-    from appliance.cli import Refused
-
-    return Refused(message)
 
 
 def _result_files(store, state: Path, result_id: int) -> list[str]:
@@ -48,13 +45,11 @@ def _result_files(store, state: Path, result_id: int) -> list[str]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from appliance.config import load_config
     from appliance.delivery import Settings, deliver, merge
     from appliance.dicom.send import Destination
     from appliance.store import DB_NAME, Store, StoreError
 
-    config = load_config(args.config)
-    state = Path(args.state_dir or config.general.state_dir)
+    config, state = state_dir(args)
     to = None
     if args.to is not None:
         try:
@@ -112,7 +107,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", metavar="AE@HOST:PORT",
                    help="this destination only (default: the configured ones and, for a "
                         "result, those it was queued for)")
-    p.add_argument("--config", metavar="FILE", help="TOML config file")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="state directory (default: the config's general.state_dir)")
+    add_state_args(p)
     p.set_defaults(func=cmd_send)

@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 HOST = "127.0.0.1"
 BINARY_CANDIDATES = ("Orthanc", "/usr/sbin/Orthanc", "/usr/local/sbin/Orthanc")
 START_TIMEOUT_S = 30.0
@@ -161,3 +163,7 @@ def _answers(server: Orthanc) -> bool:
             return True
     except (urllib.error.URLError, ConnectionError, OSError, TimeoutError):
         return False
+
+
+needs_orthanc = pytest.mark.skipif(
+    find_orthanc() is None, reason="Orthanc binary not installed (apt-get install orthanc)")

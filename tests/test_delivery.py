@@ -28,7 +28,7 @@ from appliance.config import load_config
 from appliance.daemon import SENDER, Paths, Stabiliser, Worker
 from appliance.delivery import Settings, deliver
 from appliance.store import EventKind, JobState, OutboxState, Store
-from tests.orthanc import HOST, find_orthanc, free_port, start_orthanc
+from tests.orthanc import HOST, free_port, needs_orthanc, start_orthanc
 from tests.test_daemon import send, settled, spool_series, wait_for, write_chest
 from tests.test_dicom_outputs import (
     COMPREHENSIVE_3D_SR,
@@ -38,8 +38,6 @@ from tests.test_dicom_outputs import (
     check_with_dciodvfy,
 )
 
-needs_orthanc = pytest.mark.skipif(
-    find_orthanc() is None, reason="Orthanc binary not installed (apt-get install orthanc)")
 EXPECTED_CLASSES = {SEG_STORAGE: 1, COMPREHENSIVE_3D_SR: 1, SC_STORAGE: 3}
 FILES = sum(EXPECTED_CLASSES.values())
 

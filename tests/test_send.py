@@ -26,11 +26,9 @@ from appliance.dicom.send import (
 )
 from appliance.dicom.series import load_series
 from tests import dicom_factory as factory
-from tests.orthanc import HOST, find_orthanc, free_port, start_orthanc
+from tests.orthanc import HOST, find_orthanc, free_port, needs_orthanc, start_orthanc
 from tests.test_dicom_outputs import make_result, synthetic_masks
 
-needs_orthanc = pytest.mark.skipif(
-    find_orthanc() is None, reason="Orthanc binary not installed (apt-get install orthanc)")
 TIMEOUT_S = 5.0
 
 

@@ -17,14 +17,11 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from appliance.daemon_cli import add_state_args, state_dir
+from appliance.daemon_cli import refused as _refused
+
 EXIT_OK = 0
 DEFAULT_REPORT_DIR = "cohort-report"
-
-
-def _refused(message: str) -> Exception:
-    from appliance.cli import Refused
-
-    return Refused(message)
 
 
 def _say(message: str) -> None:
@@ -33,12 +30,11 @@ def _say(message: str) -> None:
 
 def _load(args: argparse.Namespace):
     """(rows, database path) from the state directory, read-only."""
-    from appliance.config import load_config
     from appliance.research.dataset import load_rows
     from appliance.store import DB_NAME, Store, StoreError
 
-    config = load_config(args.config)
-    db = Path(args.state_dir or config.general.state_dir) / DB_NAME
+    config, state = state_dir(args)
+    db = state / DB_NAME
     try:
         with Store.open(db, readonly=True) as store:
             return load_rows(store, config), db
@@ -109,15 +105,10 @@ def cmd_cohort_report(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `export` (csv) and `cohort` (report) to the CLI's subparsers."""
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="TOML config file")
-        p.add_argument("--state-dir", metavar="DIR",
-                       help="state directory (default: the config's general.state_dir)")
-
     export = subparsers.add_parser("export", help="research exports of the stored results")
     kinds = export.add_subparsers(dest="export_kind", required=True)
     p = kinds.add_parser("csv", help="one row per analysed scan (columns: appliance/research/csv_export.py)")
-    common(p)
+    add_state_args(p)
     p.add_argument("--since", metavar="DATE", help="only scans on or after this date (YYYY-MM-DD)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=cmd_export_csv)
@@ -125,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cohort = subparsers.add_parser("cohort", help="the paper's cohort statistics on the stored results")
     kinds = cohort.add_subparsers(dest="cohort_kind", required=True)
     p = kinds.add_parser("report", help="summary.md, stats.json and the PLO-versus-onset plot")
-    common(p)
+    add_state_args(p)
     p.add_argument("--out", metavar="DIR", default=DEFAULT_REPORT_DIR,
                    help=f"folder for the report files (default: ./{DEFAULT_REPORT_DIR})")
     p.set_defaults(func=cmd_cohort_report)

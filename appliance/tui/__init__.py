@@ -29,13 +29,13 @@ def make_app(config: Config, store: Store) -> DashboardApp:
 
 def open_store(state_dir: str | Path) -> Store:
     """The state directory's database, read-only; raises the CLI's Refused with one line."""
-    from appliance.cli import Refused
+    from appliance.daemon_cli import refused
     from appliance.store import DB_NAME, Store, StoreError
 
     try:
         return Store.open(Path(state_dir) / DB_NAME, readonly=True)
     except StoreError as exc:
-        raise Refused(str(exc)) from None
+        raise refused(str(exc)) from None
 
 
 def run(config: Config, state_dir: str | Path) -> int:
@@ -46,16 +46,16 @@ def run(config: Config, state_dir: str | Path) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from appliance.config import load_config
+    from appliance.daemon_cli import state_dir
 
-    config = load_config(args.config)
-    return run(config, args.state_dir or config.general.state_dir)
+    config, state = state_dir(args)
+    return run(config, state)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `dashboard` to the CLI's subparsers."""
     p = sub.add_parser("dashboard", help="terminal dashboard: results, queue, patients, review")
-    p.add_argument("--config", metavar="FILE", help="TOML config file")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="state directory (default: the config's general.state_dir)")
+    from appliance.daemon_cli import add_state_args
+
+    add_state_args(p)
     p.set_defaults(func=cmd_dashboard)
