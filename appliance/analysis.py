@@ -134,6 +134,7 @@ class Analyzer:
                                  batch_size=a.batch_size, progress=progress)
         timings["opacity"] = stage2.seconds
         t = time.perf_counter()
+        lobes = postprocess.add_opacified_lung(lobes, stage2.labels)
         opacity = postprocess.clean_opacity(stage2.labels, lobes)
         timings["postprocess"] += time.perf_counter() - t
         t = time.perf_counter()

@@ -164,9 +164,16 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synth_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for synthesize (e.g. a smaller shape for tests)."""
+    severity_weights: tuple[float, ...] | None = None
+    """Sampling weights over SEVERITIES; None means the stage's default."""
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
+        if self.severity_weights is not None and (
+                len(self.severity_weights) != len(SEVERITIES) or min(self.severity_weights) < 0
+                or sum(self.severity_weights) <= 0):
+            raise ValueError(f"`severity_weights` must be {len(SEVERITIES)} non-negative weights "
+                             f"({', '.join(SEVERITIES)}) with a positive sum, got {self.severity_weights}")
         if self.crops_per_source < 1:
             raise ValueError(f"`crops_per_source` must be >= 1, got {self.crops_per_source}")
         if not 0.0 <= self.real_fraction <= 1.0:
@@ -378,8 +385,8 @@ def make_chunk(cfg: DataConfig, index: int, *, synthesize: Callable[..., Any] | 
     """Training chunk `index`: one source + `crops_per_source` sample parameters (deterministic)."""
     spec = stage_spec(cfg.stage)
     rng = _derive_seed(cfg.seed, index, 1)
-    severity = str(rng.choice(SEVERITIES, p=np.asarray(spec.severity_weights)
-                              / sum(spec.severity_weights)))
+    weights = np.asarray(cfg.severity_weights or spec.severity_weights, dtype=np.float64)
+    severity = str(rng.choice(SEVERITIES, p=weights / weights.sum()))
     phantom_seed = check_training_seed(int(rng.integers(0, VALIDATION_SEED_BASE)))
     real = load_real(cfg.real_dir, cfg.stage) if cfg.real_fraction > 0 else None
     if real is not None and rng.random() < cfg.real_fraction:

@@ -97,6 +97,8 @@ class TrainConfig:
     augment: bool = True
     export: bool = False
     models_dir: str = ""
+    severity_weights: tuple[float, ...] | None = None
+    """Training severity mix (none, mild, moderate, severe, critical); None: the stage's."""
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
@@ -226,7 +228,7 @@ class Trainer:
             stage=cfg.stage, seed=cfg.seed, crops_per_source=cfg.crops,
             real_fraction=cfg.real_fraction, real_dir=cfg.real_dir,
             augment=AugmentConfig() if cfg.augment else replace(AugmentConfig(), **_NO_AUG),
-            synth_kwargs=self.synth_kwargs,
+            synth_kwargs=self.synth_kwargs, severity_weights=cfg.severity_weights,
         )
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = Logger(cfg.out_dir / "log.jsonl", quiet=quiet)
@@ -490,6 +492,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="training tile D,H,W when smaller than the inference tile")
     p.add_argument("--out", default="", help="checkpoint folder (default out/checkpoints/<stage>)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--severity-weights", type=lambda s: tuple(float(v) for v in s.split(",")),
+                   help="sampling weights none,mild,moderate,severe,critical (default: the stage's)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--export", action="store_true", help="export ONNX at the end (needs onnx)")
     p.add_argument("--models-dir", default="",
@@ -509,6 +513,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         real_dir=a.real_dir, val_every=a.val_every, val_samples=a.val_samples,
         log_every=a.log_every, checkpoint_minutes=a.checkpoint_minutes, crop=pick(a.crop, "crop"), out=a.out,
         threads=a.threads, augment=not a.no_augment, export=a.export, models_dir=a.models_dir,
+        severity_weights=a.severity_weights,
     )
 
 

@@ -76,6 +76,24 @@ def test_manifest_problems(tmp_path, models):
         load_manifest(models)
 
 
+def test_class_weights_from_the_manifest_move_the_argmax(models):
+    from appliance.pipeline.segment import weighted
+
+    assert load_manifest(models)["opacity"].class_weights is None
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["models"]["opacity"]["class_weights"] = [0.4, 1.0, 1.0]
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    weights = load_manifest(models)["opacity"].class_weights
+    assert weights == (0.4, 1.0, 1.0)
+    probs = np.array([0.55, 0.40, 0.05], np.float32)[:, None, None, None] * np.ones((3, 2, 2, 2), np.float32)
+    assert (probs.argmax(axis=0) == 0).all()
+    assert (weighted(probs, weights).argmax(axis=0) == 1).all()  # 0.22 < 0.40: faint rim called
+    manifest["models"]["opacity"]["class_weights"] = [0.4, 1.0]
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="class_weights must be 3 positive numbers"):
+        load_manifest(models)
+
+
 def test_backend_selection_without_tensorrt():
     assert resolve_backend("onnxruntime") == ("onnxruntime", None)
     name, why = resolve_backend("auto")

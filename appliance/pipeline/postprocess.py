@@ -63,6 +63,30 @@ def _fill_holes(sub: np.ndarray, min_voxels: int) -> None:
             sub[grown][region] = np.bincount(labels).argmax()
 
 
+def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray) -> np.ndarray:
+    """Stage 1 sees the chest at 5 mm, where dense consolidation looks like the soft tissue
+    around the lung and is left out of it. Stage 2 still calls it opacity (it runs on the lung
+    box): opacity that stage 1 left out and that touches the lung is lung, of the nearest lobe."""
+    box = bounding_box((lobes > 0) | (opacity > 0), margin=(1, 1, 1))
+    if box is None:
+        return lobes
+    out = lobes.copy()
+    sub, candidate = out[box], (opacity[box] > 0) & (out[box] == 0)
+    if not candidate.any():
+        return out
+    comp = cc3d.connected_components(candidate, connectivity=26)
+    touching = np.unique(comp[ndimage.binary_dilation(sub > 0) & candidate])
+    add = np.isin(comp, touching[touching > 0])
+    near = bounding_box(add, margin=(4, 8, 8))
+    if near is None:
+        return out
+    # nearest lobe voxel for each added voxel, searched near the additions only (for speed)
+    region, grow = sub[near], add[near]
+    _, index = ndimage.distance_transform_edt(region == 0, return_indices=True)
+    region[grow] = region[tuple(i[grow] for i in index)]
+    return out
+
+
 def clean_opacity(opacity: np.ndarray, lobes: np.ndarray, min_voxels: int = 0) -> np.ndarray:
     """Opacity exists only inside the lungs; optionally drop specks smaller than `min_voxels`."""
     out = np.where(lobes > 0, opacity, 0).astype(np.uint8)

@@ -35,6 +35,9 @@ class StageResult:
     """Mean top-class probability over the voxels the stage labelled foreground."""
     tiles: int
     seconds: float
+    probabilities: np.ndarray | None = None
+    """Model-grid class probabilities (C, *grid.shape), only when asked for (calibration)."""
+    grid: Grid | None = None
 
 
 def _probabilities(runner: Runner, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
@@ -60,6 +63,7 @@ def _background_only(n_classes: int) -> np.ndarray:
 def _run_stage(
     image_hu: np.ndarray, grid: Grid, mask: np.ndarray | None, runner: Runner, spec: ModelSpec,
     out_shape: tuple[int, int, int], batch_size: int, stage: str, progress: Progress | None,
+    keep_probabilities: bool = False,
 ) -> StageResult:
     start = time.perf_counter()
     image = spec.normalize(image_hu)
@@ -73,8 +77,17 @@ def _run_stage(
     top = probs.max(axis=0)
     fg = probs.argmax(axis=0) > 0
     confidence = float(top[fg].mean()) if fg.any() else None
-    labels = labels_from_probabilities(probs, grid, out_shape)
-    return StageResult(labels, confidence, n_tiles, time.perf_counter() - start)
+    kept = probs.copy() if keep_probabilities else None
+    labels = labels_from_probabilities(weighted(probs, spec.class_weights), grid, out_shape)
+    return StageResult(labels, confidence, n_tiles, time.perf_counter() - start, kept, grid)
+
+
+def weighted(probs: np.ndarray, class_weights: tuple[float, ...] | None) -> np.ndarray:
+    """In place: probabilities times the calibrated class weights (scaling commutes with the
+    trilinear upsampling in labels_from_probabilities, so the argmax can follow)."""
+    if class_weights is not None:
+        probs *= np.asarray(class_weights, np.float32)[:, None, None, None]
+    return probs
 
 
 def segment_lobes(
@@ -97,7 +110,7 @@ def segment_lobes(
 
 def segment_opacity(
     volume: Volume, lung: np.ndarray, runner: Runner, spec: ModelSpec, *, batch_size: int = 1,
-    progress: Progress | None = None,
+    progress: Progress | None = None, keep_probabilities: bool = False,
 ) -> StageResult:
     """Stage 2 inside the lung box, only on tiles that contain lung: labels 0-2 on the scan grid."""
     margin = tuple(int(np.ceil(LUNG_BOX_MARGIN_MM / s)) for s in volume.spacing)
@@ -107,4 +120,5 @@ def segment_opacity(
     grid = make_grid(box, volume.spacing, spec.spacing_mm)
     image_hu = resample_image(volume.array, grid, order=1)
     mask = resample_image(lung.astype(np.float32), grid, order=1) > 0.25
-    return _run_stage(image_hu, grid, mask, runner, spec, lung.shape, batch_size, "opacity", progress)
+    return _run_stage(image_hu, grid, mask, runner, spec, lung.shape, batch_size, "opacity", progress,
+                      keep_probabilities)

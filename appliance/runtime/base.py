@@ -47,6 +47,9 @@ class ModelSpec:
     fp16_path: Path | None = None
     fp16_sha256: str | None = None
     min_confidence: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    """Per-class factors on the probabilities before the argmax (calibrated on training
+    phantoms by `export.calibrate`); None means a plain argmax."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -110,6 +113,7 @@ def load_manifest(models_dir: str | Path | None = None) -> dict[str, ModelSpec]:
                 fp16_path=folder / entry["fp16_file"] if entry.get("fp16_file") else None,
                 fp16_sha256=entry.get("fp16_sha256"),
                 min_confidence=float(entry.get("min_confidence", 0.0)),
+                class_weights=_class_weights(entry),
                 extra=entry,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -118,6 +122,16 @@ def load_manifest(models_dir: str | Path | None = None) -> dict[str, ModelSpec]:
         if need not in specs:
             raise ModelError(f"model manifest {path} has no {need!r} model")
     return specs
+
+
+def _class_weights(entry: dict[str, Any]) -> tuple[float, ...] | None:
+    weights = entry.get("class_weights")
+    if weights is None:
+        return None
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(entry["classes"]) or min(weights) <= 0:
+        raise ValueError(f"class_weights must be {len(entry['classes'])} positive numbers, got {weights}")
+    return weights
 
 
 class Runner:

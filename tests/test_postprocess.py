@@ -1,0 +1,70 @@
+"""Clean-up of model labels: lobe components and holes, opacity confined to the lung, and dense
+opacity that stage 1 left out taken back into the lung."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from appliance.pipeline.postprocess import add_opacified_lung, clean_lobes, clean_opacity
+
+
+def two_lobes(shape=(20, 30, 40)) -> np.ndarray:
+    """Lobe 1 in the left half of x, lobe 4 in the right half, inside a box of air."""
+    lobes = np.zeros(shape, np.uint8)
+    lobes[4:16, 5:25, 5:19] = 1
+    lobes[4:16, 5:25, 21:35] = 4
+    return lobes
+
+
+def test_clean_lobes_keeps_the_largest_piece_of_each_lobe_and_fills_enclosed_holes():
+    lobes = two_lobes()
+    lobes[0:2, 0:2, 0:2] = 1  # a stray speck of lobe 1 far away
+    lobes[8:10, 10:12, 10:12] = 0  # a hole inside lobe 1
+    out = clean_lobes(lobes)
+    assert out[0:2, 0:2, 0:2].max() == 0
+    assert (out[8:10, 10:12, 10:12] == 1).all()
+    assert (out[4:16, 5:25, 21:35] == 4).all()
+    assert lobes[8, 10, 10] == 0  # the input is left alone
+
+
+def test_clean_opacity_keeps_opacity_in_the_lung_and_drops_small_specks():
+    lobes = two_lobes()
+    opacity = np.zeros_like(lobes)
+    opacity[6:12, 8:16, 8:16] = 2  # a lesion in lobe 1
+    opacity[10, 20, 30] = 1  # one-voxel speck in lobe 4
+    opacity[1, 1, 1] = 1  # outside the lung
+    out = clean_opacity(opacity, lobes)
+    assert out[1, 1, 1] == 0 and out[10, 20, 30] == 1
+    assert (out[6:12, 8:16, 8:16] == 2).all()
+    assert clean_opacity(opacity, lobes, min_voxels=5)[10, 20, 30] == 0
+
+
+def test_dense_opacity_touching_the_lung_joins_the_nearest_lobe():
+    lobes = two_lobes()
+    truth = lobes.copy()
+    lobes[4:16, 5:12, 5:14] = 0  # stage 1 missed a consolidated corner of lobe 1
+    opacity = np.zeros_like(lobes)
+    opacity[4:16, 5:14, 5:15] = 2  # stage 2 found it (and a little of the lung beside it)
+    opacity[0:2, 27:30, 30:40] = 2  # opacity not touching the lung (e.g. chest wall): not lung
+    out = add_opacified_lung(lobes, opacity)
+    assert (out == truth).all()
+    assert (lobes[4:16, 5:12, 5:14] == 0).all()  # the input is left alone
+
+
+def test_opacity_between_two_lobes_is_shared_by_distance():
+    lobes = two_lobes()
+    lobes[4:16, 5:25, 15:25] = 0  # a consolidated band across the border of lobes 1 and 4
+    opacity = np.zeros_like(lobes)
+    opacity[4:16, 5:25, 15:25] = 2
+    out = add_opacified_lung(lobes, opacity)
+    assert (out[4:16, 5:25, 15:19] == 1).all()
+    assert (out[4:16, 5:25, 21:25] == 4).all()
+    assert (out[4:16, 5:25, 15:25] > 0).all()
+
+
+def test_nothing_to_add_leaves_the_lobes_as_they_are():
+    lobes = two_lobes()
+    opacity = np.zeros_like(lobes)
+    opacity[6:10, 8:12, 8:12] = 1  # inside the lung already
+    assert (add_opacified_lung(lobes, opacity) == lobes).all()
+    assert (add_opacified_lung(np.zeros_like(lobes), np.zeros_like(lobes)) == 0).all()
