@@ -584,6 +584,17 @@ class Store:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        """Rows of one read-only SELECT, for views (dashboard, research) that list what the
+        store holds in their own shape; anything that writes is refused."""
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            raise ValueError(f"`sql` must be a read-only SELECT, got {sql.split(None, 1)[0]!r}")
+        return self._query(sql, params)
+
+    def patient_ids(self) -> list[str]:
+        """Patients with at least one result, in order."""
+        return [r[0] for r in self._query("SELECT DISTINCT patient_id FROM results ORDER BY patient_id")]
+
     def _event(self, kind: EventKind, *, series_uid: str | None = None, job_id: int | None = None,
                patient_id: str | None = None, detail: str | None = None,
                at: float | None = None) -> None:

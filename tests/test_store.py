@@ -256,6 +256,10 @@ def test_patient_edits_reviews_and_serial_comparison(store):
     assert follow["vs_previous"]["whole"]["delta_pts"] == pytest.approx(10.0)
     assert follow["vs_previous"]["whole"]["change_pct"] == pytest.approx(100.0)
     assert follow["trend"] == "progressing"
+    assert store.patient_ids() == ["P1"]
+    assert store.read("SELECT count(*) FROM results") == [(2,)]
+    with pytest.raises(ValueError, match="read-only SELECT"):
+        store.read("DELETE FROM results")
     review = store.add_review(rid, 4, "Dr. Who", "fine")
     assert store.reviews(rid)[0]["id"] == review and store.reviews(rid)[0]["score"] == 4
     with pytest.raises(ValueError, match="`score` must be an integer 0..5, got 6"):

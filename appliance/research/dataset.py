@@ -37,9 +37,8 @@ class ScanRow:
 
 
 def patient_ids(store: Store) -> list[str]:
-    """Patients with at least one result. The store has no such query; this reads its
-    connection (read-only) rather than adding one to store.py."""
-    return [r[0] for r in store._query("SELECT DISTINCT patient_id FROM results ORDER BY patient_id")]
+    """Patients with at least one result."""
+    return store.patient_ids()
 
 
 def load_rows(store: Store, config: Config) -> list[ScanRow]:

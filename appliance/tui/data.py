@@ -32,9 +32,8 @@ PREVIEW_MAX_PIXELS = 256
 
 
 def _rows(store: Store, sql: str, params: tuple = ()) -> list[tuple]:
-    # The Store has no listing of series or of latest results; these few dashboard-only reads
-    # go through its connection and lock (read-only SQL, nothing else reaches the connection).
-    return store._query(sql, params)
+    # Dashboard-only listings (series, latest results) in the dashboard's own shape.
+    return store.read(sql, params)
 
 
 # ----------------------------------------------------------------------------- change marker
