@@ -432,6 +432,14 @@ def _orphaned(parent_pid: int) -> bool:
     return os.getppid() != parent_pid
 
 
+def announce_ready(ready: MpEvent, heartbeat: Any) -> None:
+    """Beat, then report ready: the supervisor measures silence from the last beat once a child
+    is ready, and starting (imports, models, the database) can outlast the hang limit on a busy
+    machine; without this beat a slow start reads as a hang and the child is replaced."""
+    heartbeat.value = time.time()
+    ready.set()
+
+
 def scp_main(config: Config, state: str, parent_pid: int, stop: MpEvent, ready: MpEvent,
              heartbeat: Any, port: Any) -> None:
     from appliance.dicom.receive import StorageSCP
@@ -446,7 +454,7 @@ def scp_main(config: Config, state: str, parent_pid: int, stop: MpEvent, ready: 
             log.error("the SCP cannot listen on %s:%d: %s", config.dicom.bind_address or "*",
                       config.dicom.port, exc)
             sys.exit(EXIT_SCP_BIND)
-        ready.set()
+        announce_ready(ready, heartbeat)
         try:
             while not stop.wait(0.25) and not _orphaned(parent_pid):
                 heartbeat.value = time.time()
@@ -460,7 +468,7 @@ def stabiliser_main(config: Config, state: str, parent_pid: int, stop: MpEvent, 
     _lock = _child_setup("stabiliser", parent_pid, config.general.log_level, paths.state)
     with Store.open(paths.db) as store:
         stabiliser = Stabiliser(store, config.daemon, paths)
-        ready.set()
+        announce_ready(ready, heartbeat)
         while not _orphaned(parent_pid):
             heartbeat.value = time.time()
             stabiliser.tick(time.time())
@@ -493,7 +501,7 @@ def sender_main(config: Config, state: str, parent_pid: int, stop: MpEvent, read
         busy_until[0] = time.time() + lease_s
 
     with Store.open(paths.db) as store:
-        ready.set()
+        announce_ready(ready, heartbeat)
         thread = threading.Thread(target=pulse, name="heartbeat", daemon=True)
         thread.start()
         try:
@@ -526,7 +534,7 @@ def worker_main(config: Config, state: str, parent_pid: int, stop: MpEvent, read
         beat()
         worker.open()
         store.add_event(EventKind.WORKER_STARTED, detail=f"{name} pid {os.getpid()}")
-        ready.set()
+        announce_ready(ready, heartbeat)
         done = threading.Event()
 
         def pulse() -> None:

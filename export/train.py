@@ -49,6 +49,7 @@ from export.data import (
     stage_spec,
 )
 from export.unet import UNet3D, UNetConfig, check_tile_shape, count_parameters
+from export.unfold import calibrate_batchnorm, load_folded
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "out" / "checkpoints"
@@ -99,6 +100,9 @@ class TrainConfig:
     models_dir: str = ""
     severity_weights: tuple[float, ...] | None = None
     """Training severity mix (none, mild, moderate, severe, critical); None: the stage's."""
+    init_from: str = ""
+    """An exported ONNX model to start from instead of random weights (see export.unfold);
+    ignored when resuming from a checkpoint."""
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
@@ -249,7 +253,12 @@ class Trainer:
         self.stop_requested = False
         """Set by SIGTERM/SIGINT: the loop stops after the current step, then saves."""
         self._val: list[tuple[Any, dict[str, Any]]] | None = None
+        self._calibrate_batchnorm = False
         self._resume()
+        if cfg.init_from and self.step == 0:
+            layers = load_folded(self.model, cfg.init_from)
+            self._calibrate_batchnorm = True  # on the first training batch (see export.unfold)
+            self.log("init", stage=cfg.stage, init_from=cfg.init_from, layers=layers)
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -308,6 +317,7 @@ class Trainer:
             "loss": "cross-entropy + soft Dice", "device": c.device,
             "train_minutes": round(self.train_seconds / 60, 2),
             "parameters": count_parameters(self.model), "torch": torch.__version__,
+            **({"init_from": Path(c.init_from).name} if c.init_from else {}),
         }
 
     # -- loop ---------------------------------------------------------------------------------
@@ -426,6 +436,9 @@ class Trainer:
             pairs = [next(stream) for _ in range(cfg.batch)]
             data_wait += time.perf_counter() - t0
             x, y, kinds = make_batch(pairs, self.spec, cache, self.tile)  # type: ignore[arg-type]
+            if self._calibrate_batchnorm:
+                calibrate_batchnorm(self.model, x)
+                self._calibrate_batchnorm = False
             lr = lr_at(self.progress(time.perf_counter() - start), cfg.lr)
             loss = self.train_step(x, y, kinds, lr)
             self.step += 1
@@ -494,6 +507,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--severity-weights", type=lambda s: tuple(float(v) for v in s.split(",")),
                    help="sampling weights none,mild,moderate,severe,critical (default: the stage's)")
+    p.add_argument("--init-from", default="",
+                   help="start from an exported ONNX model (e.g. appliance/models/lobes.onnx)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--export", action="store_true", help="export ONNX at the end (needs onnx)")
     p.add_argument("--models-dir", default="",
@@ -513,7 +528,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         real_dir=a.real_dir, val_every=a.val_every, val_samples=a.val_samples,
         log_every=a.log_every, checkpoint_minutes=a.checkpoint_minutes, crop=pick(a.crop, "crop"), out=a.out,
         threads=a.threads, augment=not a.no_augment, export=a.export, models_dir=a.models_dir,
-        severity_weights=a.severity_weights,
+        severity_weights=a.severity_weights, init_from=a.init_from,
     )
 
 

@@ -578,3 +578,24 @@ def test_crashing_and_hanging_workers_are_replaced_retried_then_failed(daemon_fa
                                            s.events(kind=EventKind.WORKER_HUNG))),
              30, "the frozen worker to be replaced", d)
     assert d.stop() == 0
+
+
+def test_a_killed_scp_is_replaced_and_receives_again(daemon_factory, tmp_path):
+    import re
+
+    d = daemon_factory().start()
+    before = write_chest(tmp_path / "a", "PA", seed=1)
+    assert send(d.port, before.paths) == [0] * 24
+    [pid] = [int(p) for p in re.findall(r"started scp \(pid (\d+)\)", d.log())]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(re.findall(r"started scp \(pid (\d+)\)", d.log())) == 2, 30,
+             "a new SCP", d)
+    wait_for(lambda: echo(d.port) == 0, 30, "the new SCP to answer C-ECHO", d)
+    after = write_chest(tmp_path / "b", "PB", seed=2)
+    assert send(d.port, after.paths) == [0] * 24
+    wait_for(lambda: settled(d, [before.series_uid, after.series_uid]), 60, "both series analysed", d)
+    with d.store() as s:
+        assert any("scp" in (e.detail or "") for e in s.events(kind=EventKind.PROCESS_RESTARTED))
+        assert all(j.state == JobState.DONE for uid in (before.series_uid, after.series_uid)
+                   for j in jobs_of(s, uid))
+    assert d.stop() == 0

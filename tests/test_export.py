@@ -482,3 +482,60 @@ def test_prepare_real_refuses_evaluation_scans():
 
     with pytest.raises(ValueError, match="must not be an evaluation scan"):
         load(Path("/work/shared/data/real/covid-ct-md/covid-P001"))
+
+
+@pytest.mark.parametrize("coords", [0, 1])
+def test_unfolded_onnx_weights_reproduce_the_model_in_eval_and_train_mode(tmp_path, coords):
+    pytest.importorskip("onnx")
+    from export.onnx import export_onnx, ort_run, ort_session
+    from export.unfold import calibrate_batchnorm, load_folded
+
+    path = export_onnx(_tiny_model(coords=coords), TINY_TILE, tmp_path / "m.onnx")
+    x = _smooth_tiles(2, seed=4)
+    onnx_out = ort_run(ort_session(path), x)
+    fresh = UNet3D(UNetConfig(n_classes=3, base=4, top_convs=1, coords=coords))
+    assert load_folded(fresh, path) == sum(
+        isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d) for m in fresh.modules())
+    with torch.no_grad():
+        eval_out = fresh.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(eval_out, onnx_out, atol=1e-4)
+    calibrate_batchnorm(fresh, torch.from_numpy(x))
+    with torch.no_grad():
+        again = fresh.eval()(torch.from_numpy(x)).numpy()
+        train_out = fresh.train()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(again, onnx_out, atol=1e-4)
+    # Batch statistics equal the calibrated ones on the calibration batch: train mode agrees too.
+    np.testing.assert_allclose(train_out, onnx_out, atol=1e-3)
+
+
+def test_unfold_refuses_another_architecture(tmp_path):
+    pytest.importorskip("onnx")
+    from export.onnx import export_onnx
+    from export.unfold import load_folded
+
+    path = export_onnx(_tiny_model(), TINY_TILE, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="shape"):
+        load_folded(UNet3D(UNetConfig(n_classes=3, base=8, top_convs=1)), path)
+    with pytest.raises(ValueError, match="layers"):
+        load_folded(UNet3D(UNetConfig(n_classes=3, base=4, top_convs=2)), path)
+    with pytest.raises(ValueError, match="ONNX file"):
+        load_folded(UNet3D(UNetConfig(n_classes=3, base=4, top_convs=1)), tmp_path / "nope.onnx")
+
+
+def test_training_can_start_from_an_exported_model(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    from export.onnx import export_onnx
+
+    first = _trainer(tmp_path / "a", "lobes", 1, monkeypatch)
+    first.run()
+    path = export_onnx(first.model.eval(), SMALL_LOBES.tile_shape, tmp_path / "lobes.onnx")
+    second = _trainer(tmp_path / "b", "lobes", 1, monkeypatch, init_from=str(path))
+    x = torch.from_numpy(_smooth_tiles(1, SMALL_LOBES.tile_shape, seed=2))
+    with torch.no_grad():
+        torch.testing.assert_close(second.model.eval()(x), first.model.eval()(x), atol=1e-4, rtol=0)
+    result = second.run()
+    assert result["step"] == 1
+    log = (tmp_path / "b" / "lobes" / "log.jsonl").read_text()
+    assert '"event": "init"' in log
+    weights = torch.load(tmp_path / "b" / "lobes" / "lobes.pt", weights_only=False)
+    assert weights["training"]["init_from"] == "lobes.onnx"

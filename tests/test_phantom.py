@@ -4,7 +4,6 @@ insertion that changes only the inserted voxels, DICOM that reads back with exac
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -362,12 +361,10 @@ def test_cli_refuses_bad_options(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_full_size_series_writes_in_under_30_s_and_reads_back_exactly(tmp_path):
+def test_full_size_series_reads_back_exactly(tmp_path):
+    # its speed (under 30 s) is measured by benchmarks/phantom.py, not asserted here
     out = tmp_path / "full"
-    start = time.perf_counter()
     assert _run([str(out), "--seed", "1", "--severity", "moderate"]) == 0
-    elapsed = time.perf_counter() - start
-    assert elapsed < 30.0, elapsed
     vol, _info = load_series(out)
     with np.load(out / "truth.npz") as z:
         assert z["lobes"].shape == vol.shape == (300, 512, 512)
