@@ -135,6 +135,8 @@ class Analyzer:
         timings["opacity"] = stage2.seconds
         t = time.perf_counter()
         lobes = postprocess.add_opacified_lung(lobes, stage2.labels)
+        lobes = postprocess.trim_lung_border(lobes, canonical.array, canonical.spacing,
+                                             stage2.labels)
         opacity = postprocess.clean_opacity(stage2.labels, lobes)
         timings["postprocess"] += time.perf_counter() - t
         t = time.perf_counter()

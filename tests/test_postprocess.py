@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.pipeline.postprocess import add_opacified_lung, clean_lobes, clean_opacity
+from appliance.pipeline.postprocess import add_opacified_lung, clean_lobes, clean_opacity, trim_lung_border
 
 
 def two_lobes(shape=(20, 30, 40)) -> np.ndarray:
@@ -68,3 +68,23 @@ def test_nothing_to_add_leaves_the_lobes_as_they_are():
     opacity[6:10, 8:12, 8:12] = 1  # inside the lung already
     assert (add_opacified_lung(lobes, opacity) == lobes).all()
     assert (add_opacified_lung(np.zeros_like(lobes), np.zeros_like(lobes)) == 0).all()
+
+
+def test_trim_lung_border_drops_soft_tissue_at_the_border_but_keeps_opacity_and_deep_vessels():
+    truth = two_lobes()
+    hu = np.where(truth > 0, -850.0, 40.0)
+    hu[10, 15, 12] = 40.0  # a vessel deep inside lobe 1 (far from the border)
+    spacing = (2.0, 1.0, 1.0)
+    grown = truth.copy()  # stage 1's border two voxels out into the chest wall along y
+    grown[4:16, 3:5, 5:19] = 1
+    grown[4:16, 25:27, 21:35] = 4
+    opacity = np.zeros_like(truth)
+    opacity[4:16, 3:5, 8:12] = 2  # consolidation reaching into what looks like chest wall
+    out = trim_lung_border(grown, hu, spacing, opacity)
+    assert (out[4:16, 25:27, 21:35] == 0).all()  # soft tissue outside lobe 4 trimmed
+    assert (out[4:16, 3:5, 8:12] == 1).all()  # the consolidation stays lung, in its lobe
+    assert (out[4:16, 3:5, 13:19] == 0).all()
+    assert out[10, 15, 12] == 1  # deep vessel kept
+    assert ((out > 0) == ((truth > 0) | (opacity > 0))).all()
+    assert grown[4, 25, 21] == 4  # the input is left alone
+    assert trim_lung_border(np.zeros_like(truth), hu, spacing, opacity).max() == 0

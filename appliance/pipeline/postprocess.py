@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cc3d
+import edt
 import numpy as np
 from scipy import ndimage
 
@@ -84,6 +85,32 @@ def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray) -> np.ndarray:
     region, grow = sub[near], add[near]
     _, index = ndimage.distance_transform_edt(region == 0, return_indices=True)
     region[grow] = region[tuple(i[grow] for i in index)]
+    return out
+
+
+BORDER_SHELL_MM = 3.0
+"""How far inside stage 1's lung border the scan's HU may trim it (a 5 mm grid is off by up to
+about half a voxel); 3 mm gave the best lung Dice of 2 and 3 mm on training-range phantoms."""
+BORDER_TISSUE_HU = -500.0
+"""Above this, a border voxel is soft tissue (chest wall, mediastinum, partial volume)."""
+
+
+def trim_lung_border(lobes: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float],
+                     opacity: np.ndarray, shell_mm: float = BORDER_SHELL_MM,
+                     tissue_hu: float = BORDER_TISSUE_HU) -> np.ndarray:
+    """Stage 1 draws the lung border on a 5 mm grid; on the scan grid it runs a few mm into the
+    chest wall and mediastinum. Within `shell_mm` of that border, voxels at soft-tissue HU that
+    stage 2 does not call opacity leave the lung; opacity stays (consolidation is lung).
+    (Growing the border into aerated voxels outside it was tried too: it raised lung Dice a
+    little more but made the PLO errors worse, and needs a nearest-lobe search.)"""
+    box = bounding_box(lobes > 0, margin=(1, 1, 1))
+    if box is None:
+        return lobes
+    out = lobes.copy()
+    sub = out[box]
+    depth = edt.edt(sub > 0, anisotropy=tuple(float(s) for s in spacing), black_border=False,
+                    parallel=1)
+    sub[(depth > 0) & (depth <= shell_mm) & (hu[box] > tissue_hu) & (opacity[box] == 0)] = 0
     return out
 
 
