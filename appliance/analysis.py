@@ -134,10 +134,8 @@ class Analyzer:
                                  batch_size=a.batch_size, progress=progress)
         timings["opacity"] = stage2.seconds
         t = time.perf_counter()
-        lobes = postprocess.add_opacified_lung(lobes, stage2.labels)
-        lobes = postprocess.trim_lung_border(lobes, canonical.array, canonical.spacing,
-                                             stage2.labels)
-        opacity = postprocess.clean_opacity(stage2.labels, lobes)
+        lobes, opacity = postprocess.combine(lobes, stage2.labels, canonical.array,
+                                             canonical.spacing)
         timings["postprocess"] += time.perf_counter() - t
         t = time.perf_counter()
         q = quantify.quantify(lobes, opacity, canonical.voxel_ml, hu=canonical.array,

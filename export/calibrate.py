@@ -124,8 +124,7 @@ def calibrate(models_dir: Path, n_phantoms: int, weights: tuple[float, ...], *,
                 else:
                     scaled = weighted(stage2.probabilities.copy(), (w,) + (1.0,) * (opacity_spec.n_classes - 1))
                     raw = labels_from_probabilities(scaled, stage2.grid, volume.array.shape)
-                final_lobes = postprocess.add_opacified_lung(lobes, raw)
-                final_opacity = postprocess.clean_opacity(raw, final_lobes)
+                final_lobes, final_opacity = postprocess.combine(lobes, raw, volume.array, volume.spacing)
                 per_weight[w].append(score(truth_lobes, truth_lung, truth_opacity, final_lobes, final_opacity))
             if log:
                 log({"source": name, "seconds": round(time.perf_counter() - start, 1),

@@ -126,3 +126,13 @@ def clean_opacity(opacity: np.ndarray, lobes: np.ndarray, min_voxels: int = 0) -
         small[0] = False
         sub[small[comp]] = 0
     return out
+
+
+def combine(lobes: np.ndarray, opacity: np.ndarray, hu: np.ndarray,
+            spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Final lobes and opacity from the cleaned stage 1 lobes and stage 2's raw opacity: dense
+    opacity that stage 1 left out joins the lung, the border is trimmed to the scan's soft
+    tissue, and opacity is confined to the lung. The analysis and the calibration share it."""
+    lobes = add_opacified_lung(lobes, opacity)
+    lobes = trim_lung_border(lobes, hu, spacing, opacity)
+    return lobes, clean_opacity(opacity, lobes)
