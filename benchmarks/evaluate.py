@@ -115,10 +115,16 @@ def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
         "cases": cases,
         "mean_lung_dice": mean("lung_dice"),
         "mean_lobe_dice": mean("mean_lobe_dice"),
-        "mean_opacity_dice": mean("opacity_dice"),
+        # opacity Dice is only meaningful where there is opacity (a "none" case scores 0 for any speck)
+        "mean_opacity_dice": _mean_or_none(c["opacity_dice"] for c in cases if c["severity"] != "none"),
         "max_whole_plo_abs_error": _max_or_none(c["plo_abs_error"]["whole"] for c in cases),
         "max_lobe_plo_abs_error": max(lobe_err) if lobe_err else None,
     }
+
+
+def _mean_or_none(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def _max_or_none(values) -> float | None:
