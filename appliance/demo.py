@@ -10,6 +10,7 @@ change) printed as the results arrive. `--headless` is the same without a termin
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from pathlib import Path
 PATIENTS = (("mild", 11), ("moderate", 12), ("severe", 13))
 """(severity, seed) of the demo patients."""
 DEMO_SLICES = 120
+PR_SET_PDEATHSIG = 1
+"""prctl option: the signal a process gets when its parent dies (linux/prctl.h)."""
 DEMO_THICKNESS_MM = 2.5
 """Small but clinical-looking series (2.5 mm slices) so the demo runs in a few minutes on a CPU."""
 RESULT_TIMEOUT_S = 900.0
@@ -74,6 +77,16 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.dcm") if p.is_file())
 
 
+def _stop_with_parent() -> None:
+    """In the daemon's process before it starts: SIGTERM it when the demo dies, even by SIGKILL
+    (the `finally` below cannot run then), so a killed demo leaves no daemon behind (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the `finally` still stops it on any ordinary exit
+
+
 def _wait_for_scp(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     from pynetdicom import AE
 
@@ -118,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         _say("no terminal for the dashboard; showing the results table instead")
     _say(f"state directory {state}; starting the daemon on port {port}")
     daemon = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--state-dir", str(state)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"),
+                              preexec_fn=_stop_with_parent)
     try:
         _wait_for_scp(port, daemon)
         if not headless:
