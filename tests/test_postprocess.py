@@ -88,3 +88,21 @@ def test_trim_lung_border_drops_soft_tissue_at_the_border_but_keeps_opacity_and_
     assert ((out > 0) == ((truth > 0) | (opacity > 0))).all()
     assert grown[4, 25, 21] == 4  # the input is left alone
     assert trim_lung_border(np.zeros_like(truth), hu, spacing, opacity).max() == 0
+
+
+def test_only_pieces_holding_consolidation_join_the_lung():
+    lobes = two_lobes()
+    truth = lobes.copy()
+    lobes[4:16, 5:10, 5:14] = 0  # stage 1 missed a consolidated corner of lobe 1 ...
+    opacity = np.zeros_like(lobes)
+    opacity[4:16, 5:8, 5:14] = 2
+    opacity[4:16, 8:10, 5:14] = 1  # ... with its ground-glass rim: joins with it
+    opacity[4:16, 25:28, 21:35] = 1  # ground glass alone outside lobe 4 (partial volume): not lung
+    out = add_opacified_lung(lobes, opacity)
+    assert (out == truth).all()
+
+
+def test_a_consolidated_chest_wall_is_not_taken_for_missed_lung():
+    lobes = two_lobes()
+    opacity = np.where(lobes == 0, 2, 0).astype(np.uint8)  # "consolidation" everywhere outside
+    assert (add_opacified_lung(lobes, opacity) == lobes).all()
