@@ -94,6 +94,11 @@ def _wait_for_scp(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) ->
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the daemon exited early with status {proc.returncode}")
+        try:  # a plain connect first: pynetdicom logs every refused association as an ERROR
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        except OSError:
+            time.sleep(0.5)
+            continue
         ae = AE(ae_title="DEMO")
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", port, ae_title="APPLIANCE")
