@@ -106,15 +106,11 @@ def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
         s.update(seed=seed, severity=sev, seconds=a.result["timings_s"]["total"], qa=a.result["qa"]["flags"])
         cases.append(s)
         save_overlays(out, f"phantom{seed}-{sev}", vol, a.lobes, a.opacity)
-    def mean(key, sub=None):
-        vals = [c[key][sub] if sub else c[key] for c in cases]
-        vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else None
     lobe_err = [c["plo_abs_error"][lb.name] for c in cases for lb in Lobe if c["plo_abs_error"][lb.name] is not None]
     return {
         "cases": cases,
-        "mean_lung_dice": mean("lung_dice"),
-        "mean_lobe_dice": mean("mean_lobe_dice"),
+        "mean_lung_dice": _mean_or_none(c["lung_dice"] for c in cases),
+        "mean_lobe_dice": _mean_or_none(c["mean_lobe_dice"] for c in cases),
         # opacity Dice is only meaningful where there is opacity (a "none" case scores 0 for any speck)
         "mean_opacity_dice": _mean_or_none(c["opacity_dice"] for c in cases if c["severity"] != "none"),
         "max_whole_plo_abs_error": _max_or_none(c["plo_abs_error"]["whole"] for c in cases),
@@ -123,6 +119,7 @@ def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
 
 
 def _mean_or_none(values) -> float | None:
+    """Mean of the figures a case has (None entries: undefined there, e.g. no opacity)."""
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 

@@ -254,9 +254,14 @@ class Trainer:
         """Set by SIGTERM/SIGINT: the loop stops after the current step, then saves."""
         self._val: list[tuple[Any, dict[str, Any]]] | None = None
         self._calibrate_batchnorm = False
+        self.init_label = Path(cfg.init_from).name if cfg.init_from else ""
+        """Which exported model the weights started from (recorded in the weights' summary)."""
         self._resume()
         if cfg.init_from and self.step == 0:
+            from export.onnx import sha256_of
+
             layers = load_folded(self.model, cfg.init_from)
+            self.init_label = f"{Path(cfg.init_from).name} (sha256 {sha256_of(Path(cfg.init_from))[:12]})"
             self._calibrate_batchnorm = True  # on the first training batch (see export.unfold)
             self.log("init", stage=cfg.stage, init_from=cfg.init_from, layers=layers)
 
@@ -317,7 +322,7 @@ class Trainer:
             "loss": "cross-entropy + soft Dice", "device": c.device,
             "train_minutes": round(self.train_seconds / 60, 2),
             "parameters": count_parameters(self.model), "torch": torch.__version__,
-            **({"init_from": Path(c.init_from).name} if c.init_from else {}),
+            **({"init_from": self.init_label} if self.init_label else {}),
         }
 
     # -- loop ---------------------------------------------------------------------------------
