@@ -38,6 +38,9 @@ NORMAL_LOBE_PCT = {"RUL": (12.0, 30.0), "RML": (4.0, 14.0), "RLL": (17.0, 35.0),
                    "LUL": (15.0, 32.0), "LLL": (15.0, 32.0)}
 LABEL_LOBES = ("LLL", "LUL", "RLL", "RML", "RUL")
 INVOLVED_PLO = 0.5
+AWAY_FROM_LABEL_SLICES = 3
+"""An infection-free slice counts as 'away from the labelled disease' when no slice this close
+is labelled infected (lesions run on past the labelled range: covid-P001 slices 18-22)."""
 SLICE_INVOLVED_FRACTION = 0.005
 """A slice counts as 'involved' when opacity covers more than this fraction of its lung area."""
 
@@ -70,13 +73,20 @@ def segmentation_scores(lobes_t, opac_t, lobes_p, opac_p, voxel_ml) -> dict:
         "plo_true": {r: qt[r]["plo_pct"] for r in qt},
         "plo_pred": {r: qp[r]["plo_pct"] for r in qp},
     }
-    scores["plo_abs_error"] = {
-        r: (abs(qp[r]["plo_pct"] - qt[r]["plo_pct"]) if qp[r]["plo_pct"] is not None and qt[r]["plo_pct"] is not None
-            else None) for r in qt
-    }
+    scores["plo_abs_error"] = _plo_errors(qt, qp)
+    # where a per-lobe error comes from: the opacity alone (true lobes, predicted opacity) and
+    # the lobe borders alone (predicted lobes, true opacity)
+    scores["plo_abs_error_opacity_only"] = _plo_errors(qt, quantify(lobes_t, opac_p, voxel_ml)["regions"])
+    scores["plo_abs_error_lobes_only"] = _plo_errors(qt, quantify(lobes_p, opac_t, voxel_ml)["regions"])
     vals = [v for v in scores["lobe_dice"].values() if v is not None]
     scores["mean_lobe_dice"] = float(np.mean(vals)) if vals else None
     return scores
+
+
+def _plo_errors(truth: dict, pred: dict) -> dict:
+    return {r: (abs(pred[r]["plo_pct"] - truth[r]["plo_pct"])
+                if pred[r]["plo_pct"] is not None and truth[r]["plo_pct"] is not None else None)
+            for r in truth}
 
 
 def save_overlays(out: Path, name: str, volume: Volume, lobes, opacity, extra_title: str = "") -> list[str]:
@@ -106,7 +116,10 @@ def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
         s.update(seed=seed, severity=sev, seconds=a.result["timings_s"]["total"], qa=a.result["qa"]["flags"])
         cases.append(s)
         save_overlays(out, f"phantom{seed}-{sev}", vol, a.lobes, a.opacity)
-    lobe_err = [c["plo_abs_error"][lb.name] for c in cases for lb in Lobe if c["plo_abs_error"][lb.name] is not None]
+    def worst_lobe(key: str) -> float | None:
+        errors = [c[key][lb.name] for c in cases for lb in Lobe if c[key][lb.name] is not None]
+        return max(errors) if errors else None
+
     return {
         "cases": cases,
         "mean_lung_dice": _mean_or_none(c["lung_dice"] for c in cases),
@@ -114,7 +127,9 @@ def eval_phantoms(analyzer: Analyzer, n: int, out: Path) -> dict:
         # opacity Dice is only meaningful where there is opacity (a "none" case scores 0 for any speck)
         "mean_opacity_dice": _mean_or_none(c["opacity_dice"] for c in cases if c["severity"] != "none"),
         "max_whole_plo_abs_error": _max_or_none(c["plo_abs_error"]["whole"] for c in cases),
-        "max_lobe_plo_abs_error": max(lobe_err) if lobe_err else None,
+        "max_lobe_plo_abs_error": worst_lobe("plo_abs_error"),
+        "max_lobe_plo_abs_error_opacity_only": worst_lobe("plo_abs_error_opacity_only"),
+        "max_lobe_plo_abs_error_lobes_only": worst_lobe("plo_abs_error_lobes_only"),
     }
 
 
@@ -186,7 +201,7 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
     rows = list(csv.DictReader(open(REAL / "labels" / f"{case}_labels.csv")))
     by_file = {Path(f).name: i for i, f in enumerate(a.info.files)}
     lung = a.lobes > 0
-    slice_truth, slice_pred, opacity_on_negative = [], [], []
+    slices = []  # (index, labelled infected, lung voxels, opacity voxels)
     lobe_truth = {lb: False for lb in LABEL_LOBES}
     for row in rows:
         k = by_file.get(row["file"])
@@ -194,17 +209,31 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
             continue
         for lb in LABEL_LOBES:
             lobe_truth[lb] |= row[lb] == "1"
-        area = int(lung[k].sum())
-        frac = float((a.opacity[k] > 0).sum()) / area if area else 0.0
-        slice_truth.append(row["infection"] == "1")
-        slice_pred.append(frac > SLICE_INVOLVED_FRACTION)
-        if row["infection"] != "1":
-            opacity_on_negative.append(frac)
+        slices.append((k, row["infection"] == "1", int(lung[k].sum()), int((a.opacity[k] > 0).sum())))
+    positive = np.array([k for k, infected, _, _ in slices if infected])
+    negative = [s for s in slices if not s[1]]
+    away = [s for s in negative
+            if not positive.size or np.abs(positive - s[0]).min() > AWAY_FROM_LABEL_SLICES]
+
+    def fraction(area: int, opac: int) -> float:
+        return opac / area if area else 0.0
+
+    def volume_share(group: list) -> float | None:
+        lung_voxels = sum(s[2] for s in group)
+        return sum(s[3] for s in group) / lung_voxels if lung_voxels else None
+
     r = a.result["regions"]
     plo = {lb: r[lb]["plo_pct"] for lb in LABEL_LOBES}
     labelled = [lb for lb in LABEL_LOBES if lobe_truth[lb]]
     ranked = sorted(LABEL_LOBES, key=lambda lb: -(plo[lb] or 0.0))
     save_overlays(out, case, a.volume, a.lobes, a.opacity)
+    # the infection-free slices with the most opacity, to look at (labels or model?)
+    worst = sorted(negative, key=lambda s: -fraction(s[2], s[3]))[:2]
+    if worst and worst[0][3]:
+        hu = a.volume.array
+        montage([axial(hu, a.lobes, a.opacity, k=s[0]) for s in worst],
+                [f"{case} slice {s[0]} labelled infection-free: {100 * fraction(s[2], s[3]):.1f}% opacity"
+                 for s in worst]).save(out / f"{case}-negative-slices.png")
     return {
         "lobe_plo_pct": plo, "whole_plo_pct": r["whole"]["plo_pct"],
         "labelled_lobes": labelled,
@@ -212,9 +241,20 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
         "every_labelled_above_0.5": all((plo[lb] or 0) > INVOLVED_PLO for lb in labelled),
         "lobe_involvement": sens_spec([lobe_truth[lb] for lb in LABEL_LOBES],
                                       [(plo[lb] or 0) > INVOLVED_PLO for lb in LABEL_LOBES]),
-        "slice_involvement": sens_spec(slice_truth, slice_pred),
+        "slice_involvement": sens_spec([s[1] for s in slices],
+                                       [fraction(s[2], s[3]) > SLICE_INVOLVED_FRACTION for s in slices]),
+        # the floor's figure: each infection-free slice's opacity share of its lung, averaged
         "mean_opacity_fraction_on_negative_slices": (
-            float(np.mean(opacity_on_negative)) if opacity_on_negative else None),
+            float(np.mean([fraction(s[2], s[3]) for s in negative])) if negative else None),
+        # context: the same slices' opacity as a share of their lung volume (small lung-base
+        # slices weigh less), and only the slices more than a few slices from labelled disease
+        "opacity_volume_share_on_negative_slices": volume_share(negative),
+        "away_from_labels": {
+            "slices": len(away), "min_distance_slices": AWAY_FROM_LABEL_SLICES + 1,
+            "mean_opacity_fraction": float(np.mean([fraction(s[2], s[3]) for s in away])) if away else None,
+            "opacity_volume_share": volume_share(away),
+        },
+        "worst_negative_slices": [{"slice": s[0], "opacity_fraction": fraction(s[2], s[3])} for s in worst],
         "qa": a.result["qa"]["flags"],
     }
 
