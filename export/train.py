@@ -155,6 +155,22 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, kinds: torch.Tensor) ->
     return total
 
 
+def describe_model_file(path: Path) -> str:
+    """'lobes.onnx 0.3.0 (sha256 cb1f3493f721)': the file, its version when a manifest beside it
+    lists that file, and the start of its digest (what a continued model started from)."""
+    from export.onnx import sha256_of
+
+    version = ""
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text()).get("models", {}).values()
+            version = next((f" {e['version']}" for e in entries if e.get("file") == path.name), "")
+        except (ValueError, AttributeError, KeyError):
+            version = ""  # an unreadable manifest only costs the label its version
+    return f"{path.name}{version} (sha256 {sha256_of(path)[:12]})"
+
+
 def dice_table(stats: np.ndarray, classes: tuple[str, ...]) -> dict[str, float | None]:
     """Per-class Dice from accumulated [class, (intersection, predicted, true)] counts."""
     out: dict[str, float | None] = {}
@@ -258,10 +274,8 @@ class Trainer:
         """Which exported model the weights started from (recorded in the weights' summary)."""
         self._resume()
         if cfg.init_from and self.step == 0:
-            from export.onnx import sha256_of
-
             layers = load_folded(self.model, cfg.init_from)
-            self.init_label = f"{Path(cfg.init_from).name} (sha256 {sha256_of(Path(cfg.init_from))[:12]})"
+            self.init_label = describe_model_file(Path(cfg.init_from))
             self._calibrate_batchnorm = True  # on the first training batch (see export.unfold)
             self.log("init", stage=cfg.stage, init_from=cfg.init_from, layers=layers)
 
