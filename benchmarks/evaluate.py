@@ -201,7 +201,7 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
     rows = list(csv.DictReader(open(REAL / "labels" / f"{case}_labels.csv")))
     by_file = {Path(f).name: i for i, f in enumerate(a.info.files)}
     lung = a.lobes > 0
-    slices = []  # (index, labelled infected, lung voxels, opacity voxels)
+    slices = []  # (index, labelled infected, lung voxels, opacity voxels, opacity fraction)
     lobe_truth = {lb: False for lb in LABEL_LOBES}
     for row in rows:
         k = by_file.get(row["file"])
@@ -209,14 +209,15 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
             continue
         for lb in LABEL_LOBES:
             lobe_truth[lb] |= row[lb] == "1"
-        slices.append((k, row["infection"] == "1", int(lung[k].sum()), int((a.opacity[k] > 0).sum())))
-    positive = np.array([k for k, infected, _, _ in slices if infected])
+        area, opac = int(lung[k].sum()), int((a.opacity[k] > 0).sum())
+        slices.append((k, row["infection"] == "1", area, opac, opac / area if area else 0.0))
+    positive = np.array([s[0] for s in slices if s[1]])
     negative = [s for s in slices if not s[1]]
     away = [s for s in negative
             if not positive.size or np.abs(positive - s[0]).min() > AWAY_FROM_LABEL_SLICES]
 
-    def fraction(area: int, opac: int) -> float:
-        return opac / area if area else 0.0
+    def mean_fraction(group: list) -> float | None:
+        return float(np.mean([s[4] for s in group])) if group else None
 
     def volume_share(group: list) -> float | None:
         lung_voxels = sum(s[2] for s in group)
@@ -228,11 +229,11 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
     ranked = sorted(LABEL_LOBES, key=lambda lb: -(plo[lb] or 0.0))
     save_overlays(out, case, a.volume, a.lobes, a.opacity)
     # the infection-free slices with the most opacity, to look at (labels or model?)
-    worst = sorted(negative, key=lambda s: -fraction(s[2], s[3]))[:2]
+    worst = sorted(negative, key=lambda s: -s[4])[:2]
     if worst and worst[0][3]:
         hu = a.volume.array
         montage([axial(hu, a.lobes, a.opacity, k=s[0]) for s in worst],
-                [f"{case} slice {s[0]} labelled infection-free: {100 * fraction(s[2], s[3]):.1f}% opacity"
+                [f"{case} slice {s[0]} labelled infection-free: {100 * s[4]:.1f}% opacity"
                  for s in worst]).save(out / f"{case}-negative-slices.png")
     return {
         "lobe_plo_pct": plo, "whole_plo_pct": r["whole"]["plo_pct"],
@@ -242,19 +243,18 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
         "lobe_involvement": sens_spec([lobe_truth[lb] for lb in LABEL_LOBES],
                                       [(plo[lb] or 0) > INVOLVED_PLO for lb in LABEL_LOBES]),
         "slice_involvement": sens_spec([s[1] for s in slices],
-                                       [fraction(s[2], s[3]) > SLICE_INVOLVED_FRACTION for s in slices]),
+                                       [s[4] > SLICE_INVOLVED_FRACTION for s in slices]),
         # the floor's figure: each infection-free slice's opacity share of its lung, averaged
-        "mean_opacity_fraction_on_negative_slices": (
-            float(np.mean([fraction(s[2], s[3]) for s in negative])) if negative else None),
+        "mean_opacity_fraction_on_negative_slices": mean_fraction(negative),
         # context: the same slices' opacity as a share of their lung volume (small lung-base
         # slices weigh less), and only the slices more than a few slices from labelled disease
         "opacity_volume_share_on_negative_slices": volume_share(negative),
         "away_from_labels": {
             "slices": len(away), "min_distance_slices": AWAY_FROM_LABEL_SLICES + 1,
-            "mean_opacity_fraction": float(np.mean([fraction(s[2], s[3]) for s in away])) if away else None,
+            "mean_opacity_fraction": mean_fraction(away),
             "opacity_volume_share": volume_share(away),
         },
-        "worst_negative_slices": [{"slice": s[0], "opacity_fraction": fraction(s[2], s[3])} for s in worst],
+        "worst_negative_slices": [{"slice": s[0], "opacity_fraction": s[4]} for s in worst],
         "qa": a.result["qa"]["flags"],
     }
 
