@@ -158,16 +158,14 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, kinds: torch.Tensor) ->
 def describe_model_file(path: Path) -> str:
     """'lobes.onnx 0.3.0 (sha256 cb1f3493f721)': the file, its version when a manifest beside it
     lists that file, and the start of its digest (what a continued model started from)."""
+    from appliance.runtime.base import ModelError, load_manifest
     from export.onnx import sha256_of
 
-    version = ""
-    manifest = path.parent / "manifest.json"
-    if manifest.is_file():
-        try:
-            entries = json.loads(manifest.read_text()).get("models", {}).values()
-            version = next((f" {e['version']}" for e in entries if e.get("file") == path.name), "")
-        except (ValueError, AttributeError, KeyError):
-            version = ""  # an unreadable manifest only costs the label its version
+    try:
+        specs = load_manifest(path.parent).values()
+        version = next((f" {spec.version}" for spec in specs if spec.path.name == path.name), "")
+    except ModelError:
+        version = ""  # no usable manifest beside it only costs the label its version
     return f"{path.name}{version} (sha256 {sha256_of(path)[:12]})"
 
 

@@ -542,6 +542,7 @@ def test_training_can_start_from_an_exported_model(tmp_path, monkeypatch):
 
 
 def test_a_continued_model_records_the_version_it_started_from(tmp_path):
+    from appliance.runtime.base import MODELS_DIR
     from export.onnx import sha256_of
     from export.train import describe_model_file
 
@@ -549,9 +550,9 @@ def test_a_continued_model_records_the_version_it_started_from(tmp_path):
     onnx_file.write_bytes(b"not really a model, only its digest matters here")
     digest = sha256_of(onnx_file)[:12]
     assert describe_model_file(onnx_file) == f"lobes.onnx (sha256 {digest})"  # no manifest beside it
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"models": {"lobes": {"file": "lobes.onnx", "version": "0.3.0"},
-                    "opacity": {"file": "opacity.onnx", "version": "0.2.0"}}}))
+    manifest = json.loads((MODELS_DIR / "manifest.json").read_text())  # a complete manifest
+    manifest["models"]["lobes"]["version"] = "0.3.0"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert describe_model_file(onnx_file) == f"lobes.onnx 0.3.0 (sha256 {digest})"
     (tmp_path / "manifest.json").write_text("{ broken")
     assert describe_model_file(onnx_file) == f"lobes.onnx (sha256 {digest})"
