@@ -135,7 +135,7 @@ class Analyzer:
         timings["opacity"] = stage2.seconds
         t = time.perf_counter()
         lobes, opacity = postprocess.combine(lobes, stage2.labels, canonical.array,
-                                             canonical.spacing)
+                                             canonical.spacing, stage2.decision_labels)
         timings["postprocess"] += time.perf_counter() - t
         t = time.perf_counter()
         q = quantify.quantify(lobes, opacity, canonical.voxel_ml, hu=canonical.array,

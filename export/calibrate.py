@@ -4,8 +4,10 @@
 
 The opacity network under-calls the faint rim of ground-glass lesions (its argmax is
 conservative). Multiplying the background probability by a weight below 1 before the argmax
-moves that border; this picks the weight, from a grid, that minimises the mean absolute per-lobe
-PLO error over training sources through the product's own stages and clean-up: phantoms with
+moves that border (the lung border still follows the network's plain argmax: see
+appliance.pipeline.postprocess.combine); this picks the weight, from a grid, that minimises
+the mean absolute per-lobe PLO error over training sources through the product's own stages
+and clean-up: phantoms with
 training seeds (below 1,000,000; the evaluation's seeds are never used), and the real training
 scan normal-normal002 as it is (true PLO 0) and with moderate and severe lesions inserted
 (exact masks; its whole-lung PLO error counts, as it has no lobe labels). The evaluation
@@ -124,7 +126,8 @@ def calibrate(models_dir: Path, n_phantoms: int, weights: tuple[float, ...], *,
                 else:
                     scaled = weighted(stage2.probabilities.copy(), (w,) + (1.0,) * (opacity_spec.n_classes - 1))
                     raw = labels_from_probabilities(scaled, stage2.grid, volume.array.shape)
-                final_lobes, final_opacity = postprocess.combine(lobes, raw, volume.array, volume.spacing)
+                final_lobes, final_opacity = postprocess.combine(
+                    lobes, raw, volume.array, volume.spacing, stage2.decision_labels)
                 per_weight[w].append(score(truth_lobes, truth_lung, truth_opacity, final_lobes, final_opacity))
             if log:
                 log({"source": name, "seconds": round(time.perf_counter() - start, 1),

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.pipeline.postprocess import add_opacified_lung, clean_lobes, clean_opacity, trim_lung_border
+from appliance.pipeline.postprocess import (
+    add_opacified_lung,
+    clean_lobes,
+    clean_opacity,
+    combine,
+    trim_lung_border,
+)
 
 
 def two_lobes(shape=(20, 30, 40)) -> np.ndarray:
@@ -106,3 +112,22 @@ def test_a_consolidated_chest_wall_is_not_taken_for_missed_lung():
     lobes = two_lobes()
     opacity = np.where(lobes == 0, 2, 0).astype(np.uint8)  # "consolidation" everywhere outside
     assert (add_opacified_lung(lobes, opacity) == lobes).all()
+
+
+def test_the_lung_border_follows_the_plain_argmax_not_the_widened_rim():
+    lobes = two_lobes()
+    truth = lobes.copy()
+    lobes[4:16, 5:12, 5:14] = 0  # stage 1 missed a consolidated corner of lobe 1
+    hu = np.where(truth > 0, -850.0, 40.0)
+    hu[4:16, 5:12, 5:14] = 20.0
+    plain = np.zeros_like(lobes)
+    plain[4:16, 5:12, 5:14] = 2  # the network's own argmax: the consolidation
+    widened = plain.copy()  # with the calibrated weights the rim grows both ways:
+    widened[4:16, 12:14, 5:14] = 1  # faint ground glass inside the lung (wanted) ...
+    widened[4:16, 3:5, 5:14] = 2  # ... and consolidation a few mm into the chest wall (not)
+    spacing = (2.0, 1.0, 1.0)
+    final_lobes, final_opacity = combine(lobes, widened, hu, spacing, plain)
+    assert (final_lobes == truth).all()
+    assert (final_opacity == np.where(truth > 0, widened, 0)).all()
+    bled, _ = combine(lobes, widened, hu, spacing)  # the border from the widened labels
+    assert (bled[4:16, 3:5, 5:14] == 1).all()  # takes the chest wall in as lung

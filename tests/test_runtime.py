@@ -94,6 +94,26 @@ def test_class_weights_from_the_manifest_move_the_argmax(models):
         load_manifest(models)
 
 
+def test_the_opacity_stage_keeps_the_plain_argmax_beside_the_weighted_one(models):
+    from dataclasses import replace
+
+    from appliance.pipeline.segment import segment_opacity
+    from appliance.volume import Volume
+
+    plain_spec = load_manifest(models)["opacity"]
+    weighted_spec = replace(plain_spec, class_weights=(0.4, 1.0, 1.0))
+    # HU rising across x through the threshold model's -750 HU ground-glass edge
+    hu = np.broadcast_to(np.linspace(-800.0, -700.0, 48, dtype=np.float32), (24, 48, 48)).copy()
+    volume, lung = Volume(hu, (3.0, 3.0, 3.0)), np.ones(hu.shape, bool)
+    with open_runner("onnxruntime", plain_spec, threads=1) as runner:
+        plain = segment_opacity(volume, lung, runner, plain_spec)
+        both = segment_opacity(volume, lung, runner, weighted_spec)
+    assert plain.plain_labels is None and plain.decision_labels is plain.labels
+    assert (both.plain_labels == plain.labels).all() and both.decision_labels is both.plain_labels
+    ggo_plain, ggo_weighted = int((plain.labels == 1).sum()), int((both.labels == 1).sum())
+    assert 0 < ggo_plain < ggo_weighted  # the weights widen the rim; the plain argmax stays
+
+
 def test_backend_selection_without_tensorrt():
     assert resolve_backend("onnxruntime") == ("onnxruntime", None)
     name, why = resolve_backend("auto")

@@ -148,10 +148,16 @@ def clean_opacity(opacity: np.ndarray, lobes: np.ndarray, min_voxels: int = 0) -
 
 
 def combine(lobes: np.ndarray, opacity: np.ndarray, hu: np.ndarray,
-            spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+            spacing: tuple[float, float, float], border_opacity: np.ndarray | None = None,
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Final lobes and opacity from the cleaned stage 1 lobes and stage 2's raw opacity: dense
     opacity that stage 1 left out joins the lung, the border is trimmed to the scan's soft
-    tissue, and opacity is confined to the lung. The analysis and the calibration share it."""
-    lobes = add_opacified_lung(lobes, opacity)
-    lobes = trim_lung_border(lobes, hu, spacing, opacity)
+    tissue, and opacity is confined to the lung. The analysis and the calibration share it.
+
+    `border_opacity` is the stage 2 labelling the lung border follows (default `opacity`): the
+    network's plain argmax, when `opacity` carries calibrated class weights that widen the
+    opacity rim (see StageResult.decision_labels)."""
+    border = opacity if border_opacity is None else border_opacity
+    lobes = add_opacified_lung(lobes, border)
+    lobes = trim_lung_border(lobes, hu, spacing, border)
     return lobes, clean_opacity(opacity, lobes)

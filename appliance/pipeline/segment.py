@@ -38,6 +38,16 @@ class StageResult:
     probabilities: np.ndarray | None = None
     """Model-grid class probabilities (C, *grid.shape), only when asked for (calibration)."""
     grid: Grid | None = None
+    plain_labels: np.ndarray | None = None
+    """The network's own argmax, before the calibrated class weights; None when the spec has
+    no class weights (then it equals `labels`). See `decision_labels`."""
+
+    @property
+    def decision_labels(self) -> np.ndarray:
+        """Labels without the calibrated class weights: what the lung border follows. The
+        weights move the faint rim of opacity inside the lung; used for the border they also
+        push consolidation a few mm into the chest wall next to it (critical phantoms)."""
+        return self.labels if self.plain_labels is None else self.plain_labels
 
 
 def _probabilities(runner: Runner, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
@@ -78,8 +88,12 @@ def _run_stage(
     fg = probs.argmax(axis=0) > 0
     confidence = float(top[fg].mean()) if fg.any() else None
     kept = probs.copy() if keep_probabilities else None
+    plain = None
+    if spec.class_weights is not None and any(w != 1.0 for w in spec.class_weights):
+        plain = labels_from_probabilities(probs, grid, out_shape)
     labels = labels_from_probabilities(weighted(probs, spec.class_weights), grid, out_shape)
-    return StageResult(labels, confidence, n_tiles, time.perf_counter() - start, kept, grid)
+    return StageResult(labels, confidence, n_tiles, time.perf_counter() - start, kept, grid,
+                       plain)
 
 
 def weighted(probs: np.ndarray, class_weights: tuple[float, ...] | None) -> np.ndarray:
