@@ -13,6 +13,9 @@ from appliance.pipeline.postprocess import (
     trim_lung_border,
 )
 
+COARSE = (6.0, 6.0, 6.0)
+"""Voxels wider than the added-lung opening's 5 mm radius: the opening leaves these pieces whole."""
+
 
 def two_lobes(shape=(20, 30, 40)) -> np.ndarray:
     """Lobe 1 in the left half of x, lobe 4 in the right half, inside a box of air."""
@@ -52,7 +55,7 @@ def test_dense_opacity_touching_the_lung_joins_the_nearest_lobe():
     opacity = np.zeros_like(lobes)
     opacity[4:16, 5:14, 5:15] = 2  # stage 2 found it (and a little of the lung beside it)
     opacity[0:2, 27:30, 30:40] = 2  # opacity not touching the lung (e.g. chest wall): not lung
-    out = add_opacified_lung(lobes, opacity)
+    out = add_opacified_lung(lobes, opacity, COARSE)
     assert (out == truth).all()
     assert (lobes[4:16, 5:12, 5:14] == 0).all()  # the input is left alone
 
@@ -62,7 +65,7 @@ def test_opacity_between_two_lobes_is_shared_by_distance():
     lobes[4:16, 5:25, 15:25] = 0  # a consolidated band across the border of lobes 1 and 4
     opacity = np.zeros_like(lobes)
     opacity[4:16, 5:25, 15:25] = 2
-    out = add_opacified_lung(lobes, opacity)
+    out = add_opacified_lung(lobes, opacity, COARSE)
     assert (out[4:16, 5:25, 15:19] == 1).all()
     assert (out[4:16, 5:25, 21:25] == 4).all()
     assert (out[4:16, 5:25, 15:25] > 0).all()
@@ -72,8 +75,8 @@ def test_nothing_to_add_leaves_the_lobes_as_they_are():
     lobes = two_lobes()
     opacity = np.zeros_like(lobes)
     opacity[6:10, 8:12, 8:12] = 1  # inside the lung already
-    assert (add_opacified_lung(lobes, opacity) == lobes).all()
-    assert (add_opacified_lung(np.zeros_like(lobes), np.zeros_like(lobes)) == 0).all()
+    assert (add_opacified_lung(lobes, opacity, COARSE) == lobes).all()
+    assert (add_opacified_lung(np.zeros_like(lobes), np.zeros_like(lobes), COARSE) == 0).all()
 
 
 def test_trim_lung_border_drops_soft_tissue_at_the_border_but_keeps_opacity_and_deep_vessels():
@@ -104,14 +107,14 @@ def test_only_pieces_holding_consolidation_join_the_lung():
     opacity[4:16, 5:8, 5:14] = 2
     opacity[4:16, 8:10, 5:14] = 1  # ... with its ground-glass rim: joins with it
     opacity[4:16, 25:28, 21:35] = 1  # ground glass alone outside lobe 4 (partial volume): not lung
-    out = add_opacified_lung(lobes, opacity)
+    out = add_opacified_lung(lobes, opacity, COARSE)
     assert (out == truth).all()
 
 
 def test_a_consolidated_chest_wall_is_not_taken_for_missed_lung():
     lobes = two_lobes()
     opacity = np.where(lobes == 0, 2, 0).astype(np.uint8)  # "consolidation" everywhere outside
-    assert (add_opacified_lung(lobes, opacity) == lobes).all()
+    assert (add_opacified_lung(lobes, opacity, COARSE) == lobes).all()
 
 
 def test_the_lung_border_follows_the_plain_argmax_not_the_widened_rim():
@@ -125,9 +128,25 @@ def test_the_lung_border_follows_the_plain_argmax_not_the_widened_rim():
     widened = plain.copy()  # with the calibrated weights the rim grows both ways:
     widened[4:16, 12:14, 5:14] = 1  # faint ground glass inside the lung (wanted) ...
     widened[4:16, 3:5, 5:14] = 2  # ... and consolidation a few mm into the chest wall (not)
-    spacing = (2.0, 1.0, 1.0)
-    final_lobes, final_opacity = combine(lobes, widened, hu, spacing, plain)
+    final_lobes, final_opacity = combine(lobes, widened, hu, COARSE, plain)
     assert (final_lobes == truth).all()
     assert (final_opacity == np.where(truth > 0, widened, 0)).all()
-    bled, _ = combine(lobes, widened, hu, spacing)  # the border from the widened labels
+    bled, _ = combine(lobes, widened, hu, COARSE)  # the border from the widened labels
     assert (bled[4:16, 3:5, 5:14] == 1).all()  # takes the chest wall in as lung
+
+
+def test_a_thin_shell_of_consolidation_outside_the_lung_is_not_taken_for_lung():
+    lobes = np.zeros((40, 60, 60), np.uint8)
+    lobes[5:35, 10:50, 10:28] = 1
+    lobes[5:35, 10:50, 32:50] = 4
+    missed = np.zeros(lobes.shape, bool)
+    missed[5:35, 10:25, 10:28] = True  # bulky consolidated lung that stage 1 left out
+    opacity = np.where(missed, 2, 0).astype(np.uint8)
+    opacity[5:35, 50:53, 32:50] = 2  # a 3 mm shell painted into the chest wall beside lobe 4
+    stage1 = np.where(missed, 0, lobes).astype(np.uint8)
+    out = add_opacified_lung(stage1, opacity, (1.0, 1.0, 1.0))
+    assert (out[5:35, 50:53, 32:50] == 0).all()
+    assert (out[10:30, 15:20, 15:23] == 1).all()  # the consolidated lung comes back ...
+    assert (out[missed] == 1).mean() > 0.6  # ... all but its edges, rounded by the 5 mm ball
+    assert (add_opacified_lung(stage1, opacity, (1.0, 1.0, 1.0), min_radius_mm=0.0)[5:35, 50:53, 32:50]
+            == 4).all()  # without the opening the shell would join lobe 4

@@ -70,11 +70,21 @@ phantoms: well under this); more than half as much again means stage 2 is callin
 consolidation (seen with per-voxel test models on 18 mm slices), so nothing is added."""
 
 
-def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray) -> np.ndarray:
+ADDED_MIN_RADIUS_MM = 5.0
+"""Lung taken back from stage 2 must hold a ball of this radius (an opening): beside subpleural
+consolidation stage 2 paints a shell of "consolidation" a few mm into the chest wall, while
+consolidated lung that stage 1 left out is bulky. On the calibration sources the mean per-lobe
+PLO error was 1.353 without the opening, 1.339/1.330 at 2/3 mm, 1.324/1.320/1.320/1.324 at
+4/5/6/8 mm and 1.341 adding nothing (an erosion that counts the lung beside a piece as inside
+it, so that only the outer face is eroded, kept more of the shell: 1.338 at 5 mm)."""
+
+
+def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray, spacing: tuple[float, float, float],
+                       min_radius_mm: float = ADDED_MIN_RADIUS_MM) -> np.ndarray:
     """Stage 1 sees the chest at 5 mm, where dense consolidation looks like the soft tissue
     around the lung and is left out of it. Stage 2 still calls it opacity (it runs on the lung
-    box): opacity that stage 1 left out, holds consolidation and touches the lung is lung, of
-    the nearest lobe."""
+    box): opacity that stage 1 left out, holds consolidation, touches the lung and is thick
+    enough to hold a ball of `min_radius_mm` is lung, of the nearest lobe."""
     box = bounding_box((lobes > 0) | (opacity > 0), margin=(1, 1, 1))
     if box is None:
         return lobes
@@ -93,6 +103,7 @@ def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray) -> np.ndarray:
     del joined, pieces
     if int(add.sum()) > MAX_ADDED_FRACTION * int((sub > 0).sum()):
         return out  # not lung that stage 1 missed: stage 2 is reading the chest wall
+    add = _opened(add, spacing, min_radius_mm)
     near = bounding_box(add, margin=(4, 8, 8))
     if near is None:
         return out
@@ -104,6 +115,20 @@ def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray) -> np.ndarray:
     z, y, x = np.nonzero(grow)
     cy, cx = y // 2, x // 2
     region[z, y, x] = coarse[index[0][z, cy, cx], index[1][z, cy, cx], index[2][z, cy, cx]]
+    return out
+
+
+def _opened(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """Morphological opening by a ball of `radius_mm` (erosion, then dilation back inside the
+    mask), with distance transforms on the mask's bounding box."""
+    box = bounding_box(mask, margin=(1, 1, 1))
+    if box is None or radius_mm <= 0:
+        return mask
+    sub, anisotropy = mask[box], tuple(float(s) for s in spacing)
+    core = edt.edt(sub, anisotropy=anisotropy, black_border=False, parallel=1) > radius_mm
+    near_core = edt.edt(~core, anisotropy=anisotropy, black_border=False, parallel=1) <= radius_mm
+    out = np.zeros_like(mask)
+    out[box] = sub & near_core
     return out
 
 
@@ -158,6 +183,6 @@ def combine(lobes: np.ndarray, opacity: np.ndarray, hu: np.ndarray,
     network's plain argmax, when `opacity` carries calibrated class weights that widen the
     opacity rim (see StageResult.decision_labels)."""
     border = opacity if border_opacity is None else border_opacity
-    lobes = add_opacified_lung(lobes, border)
+    lobes = add_opacified_lung(lobes, border, spacing)
     lobes = trim_lung_border(lobes, hu, spacing, border)
     return lobes, clean_opacity(opacity, lobes)
