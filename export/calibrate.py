@@ -7,13 +7,12 @@ conservative). Multiplying the background probability by a weight below 1 before
 moves that border (the lung border still follows the network's plain argmax: see
 appliance.pipeline.postprocess.combine); this picks the weight, from a grid, that minimises
 the mean absolute per-lobe PLO error over training sources through the product's own stages
-and clean-up: phantoms with
-training seeds (below 1,000,000; the evaluation's seeds are never used), and the real training
-scan normal-normal002 as it is (true PLO 0) and with moderate and severe lesions inserted
-(exact masks; its whole-lung PLO error counts, as it has no lobe labels). The evaluation
-scans are never read here. The network runs once per
-phantom; every weight re-labels the same probabilities. Prints JSON; `--write` stores
-`class_weights` in the manifest (run it after `export.onnx`, which rewrites the entry).
+and clean-up: phantoms with training seeds (below 1,000,000; the evaluation's seeds are never
+used), and the real training scan normal-normal002 as it is (true PLO 0) and with moderate and
+severe lesions inserted (exact masks; its whole-lung PLO error counts, as it has no lobe
+labels). The evaluation scans are never read here. The network runs once per source; every
+weight re-labels the same probabilities. Prints JSON; `--write` stores `class_weights` in the
+manifest (run it after `export.onnx`, which rewrites the entry).
 """
 
 from __future__ import annotations

@@ -126,9 +126,10 @@ def _opened(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: fl
         return mask
     sub, anisotropy = mask[box], tuple(float(s) for s in spacing)
     core = edt.edt(sub, anisotropy=anisotropy, black_border=False, parallel=1) > radius_mm
-    near_core = edt.edt(~core, anisotropy=anisotropy, black_border=False, parallel=1) <= radius_mm
     out = np.zeros_like(mask)
-    out[box] = sub & near_core
+    if core.any():  # thin pieces only (the usual chest-wall shell): nothing survives
+        near_core = edt.edt(~core, anisotropy=anisotropy, black_border=False, parallel=1)
+        out[box] = sub & (near_core <= radius_mm)
     return out
 
 

@@ -39,8 +39,8 @@ class StageResult:
     """Model-grid class probabilities (C, *grid.shape), only when asked for (calibration)."""
     grid: Grid | None = None
     plain_labels: np.ndarray | None = None
-    """The network's own argmax, before the calibrated class weights; None when the spec has
-    no class weights (then it equals `labels`). See `decision_labels`."""
+    """The network's own argmax, before the calibrated class weights; None when no class weight
+    differs from 1 (then it equals `labels`). See `decision_labels`."""
 
     @property
     def decision_labels(self) -> np.ndarray:
