@@ -1,6 +1,6 @@
 """Calibrate the opacity stage's background weight on training phantoms.
 
-    python -m export.calibrate [--models-dir appliance/models] [--phantoms 6] [--write]
+    python -m export.calibrate [--models-dir appliance/models] [--phantoms 16] [--write]
 
 The opacity network under-calls the faint rim of ground-glass lesions (its argmax is
 conservative). Multiplying the background probability by a weight below 1 before the argmax
@@ -11,8 +11,15 @@ and clean-up: phantoms with training seeds (below 1,000,000; the evaluation's se
 used), and the real training scan normal-normal002 as it is (true PLO 0) and with moderate and
 severe lesions inserted (exact masks; its whole-lung PLO error counts, as it has no lobe
 labels). The evaluation scans are never read here. The network runs once per source; every
-weight re-labels the same probabilities. Prints JSON; `--write` stores `class_weights` in the
-manifest (run it after `export.onnx`, which rewrites the entry).
+weight re-labels the same probabilities.
+
+Heavily diseased lungs want a larger weight than the rest (the low weight widens every lesion's
+rim, and where most of the lung is a lesion that over-calls), so the sources are also split by
+their disease burden (StageResult.foreground_pct: the plain argmax's share of the stage mask)
+and, when that lowers the objective, scans above the split get their own weight
+(`choose_weights`; the runtime's ramp between the two: ModelSpec.class_weights_for). Prints
+JSON; `--write` stores `class_weights` and `heavy_class_weights` in the manifest (run it after
+`export.onnx`, which rewrites the entry).
 """
 
 from __future__ import annotations
@@ -103,22 +110,61 @@ def sources(n_phantoms: int, real_scan: Path | None,
                None, lung | (mask > 0), mask)
 
 
+MIN_HEAVY_SOURCES = 3
+"""A heavy-burden rule needs at least this many calibration sources on each side of its threshold."""
+MIN_HEAVY_GAIN = 0.01
+"""...and must lower the objective by at least this much (PLO points), or one weight serves all."""
+
+
+def choose_weights(errors: list[dict[float, float]], burdens: list[float],
+                   weights: tuple[float, ...]) -> dict[str, Any]:
+    """The background weight for every scan, or two: one below and one at or above a threshold
+    on the scan's disease burden (the plain argmax's foreground share of the stage mask, %).
+    `errors[i][w]` is source i's objective at weight w. Each weight minimises the mean error of
+    its side (a tie goes to the larger weight: the plainer argmax). Between the burdens of the
+    two sources the split separates the runtime moves linearly from one weight to the other
+    (ModelSpec.class_weights_for), so every source is scored at its side's weight."""
+    def mean_at(idx: list[int], w: float) -> float:
+        return float(np.mean([errors[i][w] for i in idx]))
+
+    def best(idx: list[int]) -> float:
+        return min(weights, key=lambda w: (round(mean_at(idx, w), 3), -w))
+
+    everyone = list(range(len(errors)))
+    single = best(everyone)
+    chosen: dict[str, Any] = {"background_weight": single, "objective": mean_at(everyone, single),
+                              "heavy": None}
+    order = sorted(everyone, key=lambda i: burdens[i])
+    for cut in range(MIN_HEAVY_SOURCES, len(order) - MIN_HEAVY_SOURCES + 1):
+        below, above = order[:cut], order[cut:]
+        if burdens[below[-1]] == burdens[above[0]]:
+            continue
+        low, high = best(below), best(above)
+        objective = (mean_at(below, low) * len(below) + mean_at(above, high) * len(above)) / len(order)
+        if low != high and objective < chosen["objective"] - MIN_HEAVY_GAIN:
+            chosen = {"background_weight": low, "objective": objective, "heavy": {
+                "foreground_pct": [burdens[below[-1]], burdens[above[0]]],
+                "background_weight": high, "sources_above": len(above)}}
+    return chosen
+
+
 def calibrate(models_dir: Path, n_phantoms: int, weights: tuple[float, ...], *,
               real_scan: Path | None = REAL_SCAN, log: Any = None) -> dict[str, Any]:
     from appliance.runtime import open_runner
 
     specs = load_manifest(models_dir)
     lobes_spec, opacity_spec = specs["lobes"], specs["opacity"]
-    per_weight: dict[float, list[dict[str, float]]] = {w: [] for w in weights}
+    rows: list[dict[float, dict[str, float]]] = []
+    names: list[str] = []
+    burdens: list[float] = []
     with open_runner("onnxruntime", lobes_spec) as lobes_runner, \
             open_runner("onnxruntime", opacity_spec) as opacity_runner:
-        names = []
         start = time.perf_counter()
         for name, volume, truth_lobes, truth_lung, truth_opacity in sources(n_phantoms, real_scan):
-            names.append(name)
             lobes = postprocess.clean_lobes(segment_lobes(volume, lobes_runner, lobes_spec).labels)
             stage2 = segment_opacity(volume, lobes > 0, opacity_runner, opacity_spec,
                                      keep_probabilities=True)
+            row = {}
             for w in weights:
                 if stage2.probabilities is None or stage2.grid is None:
                     raw = stage2.labels
@@ -127,33 +173,44 @@ def calibrate(models_dir: Path, n_phantoms: int, weights: tuple[float, ...], *,
                     raw = labels_from_probabilities(scaled, stage2.grid, volume.array.shape)
                 final_lobes, final_opacity = postprocess.combine(
                     lobes, raw, volume.array, volume.spacing, stage2.decision_labels)
-                per_weight[w].append(score(truth_lobes, truth_lung, truth_opacity, final_lobes, final_opacity))
+                row[w] = score(truth_lobes, truth_lung, truth_opacity, final_lobes, final_opacity)
+            names.append(name)
+            rows.append(row)
+            burdens.append(stage2.foreground_pct or 0.0)
             if log:
                 log({"source": name, "seconds": round(time.perf_counter() - start, 1),
-                     "error_by_weight": {w: round(per_weight[w][-1]["error"], 2) for w in weights}})
-    table = {w: {key: float(np.mean([r[key] for r in rows if key in r]))
-                 for key in ("error", "whole_error", "opacity_dice")}
-             for w, rows in per_weight.items()}
-    # the smallest error wins; on a tie the larger weight (the plainer argmax)
-    best = min(weights, key=lambda w: (round(table[w]["error"], 3), -w))
+                     "burden_pct": round(burdens[-1], 2),
+                     "error_by_weight": {w: round(row[w]["error"], 2) for w in weights}})
+    table = {w: {key: float(np.mean([r[w][key] for r in rows if key in r[w]]))
+                 for key in ("error", "whole_error", "opacity_dice")} for w in weights}
+    chosen = choose_weights([{w: r[w]["error"] for w in weights} for r in rows], burdens, weights)
     return {"model": opacity_spec.name, "version": opacity_spec.version, "sources": names,
+            "burden_pct": [round(b, 2) for b in burdens],
             "objective": "mean over sources of the mean absolute per-lobe PLO error (phantoms) "
                          "or the whole-lung PLO error (real scan)",
-            "by_weight": {str(w): v for w, v in table.items()}, "background_weight": best}
+            "by_weight": {str(w): v for w, v in table.items()}, **chosen}
 
 
-def write_weights(models_dir: Path, background_weight: float) -> None:
+def write_weights(models_dir: Path, background_weight: float,
+                  heavy: dict[str, Any] | None = None) -> None:
+    """Store the chosen weights in the opacity entry; `heavy` is choose_weights' heavy rule."""
     path = models_dir / "manifest.json"
     manifest = json.loads(path.read_text())
     entry = manifest["models"]["opacity"]
-    entry["class_weights"] = [background_weight] + [1.0] * (len(entry["classes"]) - 1)
+    others = [1.0] * (len(entry["classes"]) - 1)
+    entry["class_weights"] = [background_weight] + others
+    entry.pop("heavy_class_weights", None)
+    if heavy is not None:
+        entry["heavy_class_weights"] = {"foreground_pct": heavy["foreground_pct"],
+                                        "class_weights": [heavy["background_weight"]] + others}
     path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models-dir", default=str(MODELS_DIR))
-    p.add_argument("--phantoms", type=int, default=8)
+    p.add_argument("--phantoms", type=int, default=16,
+                   help="training-seed phantoms, severities in turn (16: four critical ones)")
     p.add_argument("--weights", type=lambda s: tuple(float(v) for v in s.split(",")), default=WEIGHTS)
     p.add_argument("--no-real", action="store_true", help="phantoms only (no real training scan)")
     p.add_argument("--write", action="store_true", help="store the chosen weight in the manifest")
@@ -172,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = calibrate(models_dir, a.phantoms, a.weights, real_scan=real, log=log)
     if a.write:
-        write_weights(models_dir, result["background_weight"])
+        write_weights(models_dir, result["background_weight"], result["heavy"])
         result["written"] = str(models_dir / "manifest.json")
     print(json.dumps(result, indent=2))
     return 0

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch")
 
 from appliance.runtime import load_manifest  # noqa: E402
-from export.calibrate import main, plo, score, write_weights  # noqa: E402
+from export.calibrate import choose_weights, main, plo, score, write_weights  # noqa: E402
 from tests.onnx_models import write_models  # noqa: E402
 
 
@@ -48,6 +48,43 @@ def test_write_weights_stores_a_weight_the_runtime_reads(tmp_path):
     write_weights(models, 0.4)
     assert load_manifest(models)["opacity"].class_weights == (0.4, 1.0, 1.0)
     assert json.loads((models / "manifest.json").read_text())["models"]["lobes"].get("class_weights") is None
+
+
+WEIGHTS = (1.0, 0.4, 0.2)
+
+
+def test_one_weight_serves_all_unless_heavy_scans_want_another():
+    light = {1.0: 2.0, 0.4: 1.5, 0.2: 1.0}  # the faint rim: the low weight wins
+    heavy = {1.0: 2.0, 0.4: 0.5, 0.2: 1.5}  # most of the lung diseased: the low weight over-calls
+    errors, burdens = [light] * 6 + [heavy] * 3, [1.0, 2, 5, 10, 20, 30, 41, 45, 50]
+    chosen = choose_weights(errors, burdens, WEIGHTS)
+    assert chosen["background_weight"] == 0.2
+    assert chosen["heavy"] == {"foreground_pct": [30, 41], "background_weight": 0.4, "sources_above": 3}
+    assert chosen["objective"] == pytest.approx((6 * 1.0 + 3 * 0.5) / 9)
+    # too few sources to hold three on each side of a threshold: one weight for all, the best
+    few = choose_weights([light] * 3 + [heavy] * 2, [1.0, 2, 5, 41, 45], WEIGHTS)
+    assert few["heavy"] is None and few["background_weight"] == 0.4
+    assert few["objective"] == pytest.approx((3 * 1.5 + 2 * 0.5) / 5)
+    # the heavy sources agree with the rest: no rule
+    assert choose_weights([light] * 9, burdens, WEIGHTS)["heavy"] is None
+    # a split by burden must separate different burdens
+    tied = choose_weights([light] * 6 + [heavy] * 3, [10.0] * 9, WEIGHTS)
+    assert tied["heavy"] is None
+
+
+def test_write_weights_stores_the_heavy_rule_the_runtime_reads(tmp_path):
+    models = write_models(tmp_path / "models")
+    write_weights(models, 0.2, {"foreground_pct": [30.0, 41.0], "background_weight": 0.4, "sources_above": 3})
+    spec = load_manifest(models)["opacity"]
+    assert spec.class_weights == (0.2, 1.0, 1.0)
+    assert spec.heavy_class_weights == ((30.0, 41.0), (0.4, 1.0, 1.0))
+    assert spec.class_weights_for(None) == (0.2, 1.0, 1.0)
+    assert spec.class_weights_for(30.0) == (0.2, 1.0, 1.0)
+    assert spec.class_weights_for(35.5) == pytest.approx((0.3, 1.0, 1.0))  # the ramp: no jump
+    assert spec.class_weights_for(41.0) == (0.4, 1.0, 1.0) == spec.class_weights_for(90.0)
+    write_weights(models, 0.3)  # a later calibration without a rule removes the old one
+    spec = load_manifest(models)["opacity"]
+    assert spec.heavy_class_weights is None and spec.class_weights_for(90.0) == (0.3, 1.0, 1.0)
 
 
 def test_bad_arguments_are_refused(capsys):

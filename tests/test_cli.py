@@ -134,3 +134,15 @@ def test_real_scans_have_plausible_lung_and_lobe_volumes(shipped_results):
             assert 4 < share < 40, (case, lobe, share)
         if case.startswith("normal"):
             assert regions["whole"]["plo_pct"] < 3, case
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "False"), ("1", "True"), ("0", "False")])
+def test_the_cli_uses_small_pages_unless_told_otherwise(setting, expected):
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if setting is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = setting
+    code = ("import numpy, os; from appliance.cli import prefer_small_pages; prefer_small_pages(); "
+            "from numpy._core.multiarray import _get_madvise_hugepage; "
+            "print(_get_madvise_hugepage(), os.environ['NUMPY_MADVISE_HUGEPAGE'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, setting or "0"]

@@ -14,6 +14,7 @@ from appliance.pipeline.geometry import (
     bounding_box,
     labels_from_probabilities,
     make_grid,
+    members,
     resample_image,
     to_canonical,
 )
@@ -309,3 +310,12 @@ def test_labels_from_probabilities_at_full_scan_size_agrees_on_a_slab():
     coords = np.meshgrid(u, slab.model_coordinates(1), slab.model_coordinates(2), indexing="ij")
     up = np.stack([ndimage.map_coordinates(p, coords, order=1, mode="nearest") for p in probs])
     assert np.mean(labels[120:135] == up.argmax(axis=0)) > 0.9999
+
+
+def test_members_matches_isin():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 40, size=(7, 9, 11)).astype(np.uint32)
+    for ids in ([], [0], [5, 39], np.array([3, 3, 17]), [50]):
+        expected = np.isin(labels, ids)
+        assert np.array_equal(members(labels, ids), expected)
+        assert np.array_equal(members(labels, ids, n_labels=40), expected)

@@ -92,6 +92,16 @@ def test_class_weights_from_the_manifest_move_the_argmax(models):
     (models / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="class_weights must be 3 positive numbers"):
         load_manifest(models)
+    manifest["models"]["opacity"]["class_weights"] = [0.4, 1.0, 1.0]
+    for heavy, reason in (({"foreground_pct": [40, 140], "class_weights": [0.5, 1, 1]}, "within 0-100"),
+                          ({"foreground_pct": [40, 30], "class_weights": [0.5, 1, 1]}, "within 0-100"),
+                          ({"foreground_pct": [30, 40], "class_weights": [0.5, 1]},
+                           "heavy_class_weights.class_weights must be 3"),
+                          ({"foreground_pct": [30, 40]}, "class_weights")):
+        manifest["models"]["opacity"]["heavy_class_weights"] = heavy
+        (models / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelError, match=reason):
+            load_manifest(models)
 
 
 def test_the_opacity_stage_keeps_the_plain_argmax_beside_the_weighted_one(models):
@@ -112,6 +122,18 @@ def test_the_opacity_stage_keeps_the_plain_argmax_beside_the_weighted_one(models
     assert (both.plain_labels == plain.labels).all() and both.decision_labels is both.plain_labels
     ggo_plain, ggo_weighted = int((plain.labels == 1).sum()), int((both.labels == 1).sum())
     assert 0 < ggo_plain < ggo_weighted  # the weights widen the rim; the plain argmax stays
+    assert both.class_weights == (0.4, 1.0, 1.0) and plain.class_weights is None
+    # the plain argmax's foreground share of the mask picks the weights: a scan at the top of
+    # the heavy rule's ramp gets the heavy weights (here: none, the plain argmax), one at its
+    # foot the calibrated ones
+    burden = both.foreground_pct
+    assert burden == plain.foreground_pct and 0.0 < burden < 100.0
+    for ramp, expected in (((burden - 1, burden), (1.0, 1.0, 1.0)), ((burden, burden + 1), (0.4, 1.0, 1.0))):
+        spec = replace(weighted_spec, heavy_class_weights=(ramp, (1.0, 1.0, 1.0)))
+        with open_runner("onnxruntime", spec, threads=1) as runner:
+            stage = segment_opacity(volume, lung, runner, spec)
+        assert stage.class_weights == expected
+        assert int((stage.labels == 1).sum()) == (ggo_plain if expected[0] == 1.0 else ggo_weighted)
 
 
 def test_backend_selection_without_tensorrt():

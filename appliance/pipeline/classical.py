@@ -11,6 +11,8 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from appliance.pipeline.geometry import members
+
 AIR_THRESHOLD_HU = -400.0
 """Lung parenchyma is below this; soft tissue and bone are above."""
 GGO_RANGE_HU = (-750.0, -300.0)
@@ -42,11 +44,9 @@ def lung_mask(
     # Remove air connected to the in-plane border on each slice (outside the body).
     outside = np.zeros_like(air)
     for k in range(air.shape[0]):
-        labels, _ = ndimage.label(air[k])
-        border = np.unique(
-            np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-        )
-        outside[k] = np.isin(labels, border[border > 0])
+        labels, n = ndimage.label(air[k])
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        outside[k] = members(labels, border[border > 0], n + 1)
     inner = air & ~outside
     labels = cc3d.connected_components(inner.astype(np.uint8), connectivity=6)
     counts = np.bincount(labels.ravel())
@@ -60,7 +60,7 @@ def lung_mask(
         if keep and counts[lab] < SECOND_LUNG_MIN_FRACTION * counts[keep[0]]:
             break
         keep.append(int(lab))
-    mask = np.isin(labels, keep) if keep else np.zeros(hu.shape, dtype=bool)
+    mask = members(labels, keep, len(counts)) if keep else np.zeros(hu.shape, dtype=bool)
     if not mask.any():
         return mask
     # Close small gaps at the pleura and fill vessels in the lung, slice by slice.

@@ -185,6 +185,17 @@ def bounding_box(
     return tuple(box)  # type: ignore[return-value]
 
 
+def members(labels: np.ndarray, ids: Sequence[int] | np.ndarray, n_labels: int | None = None) -> np.ndarray:
+    """Boolean mask of the voxels of an integer label map whose label is in ``ids``, through a
+    lookup table: one gather, where np.isin sorts the whole array. ``n_labels`` (the largest
+    label + 1, when the caller knows it) saves a pass over ``labels``."""
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    size = int(labels.max(initial=0)) + 1 if n_labels is None else int(n_labels)
+    table = np.zeros(max(size, int(ids.max(initial=0)) + 1), dtype=bool)
+    table[ids] = True
+    return table[labels]
+
+
 def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"shape {value.shape}"

@@ -7,7 +7,7 @@ import edt
 import numpy as np
 from scipy import ndimage
 
-from appliance.pipeline.geometry import bounding_box
+from appliance.pipeline.geometry import bounding_box, members
 
 
 def clean_lobes(lobes: np.ndarray, min_hole_fill_voxels: int = 1) -> np.ndarray:
@@ -95,11 +95,12 @@ def add_opacified_lung(lobes: np.ndarray, opacity: np.ndarray, spacing: tuple[fl
     # Candidate pieces that hold consolidation (what stage 1 misses; ground glass alone it sees
     # as lung, so ground glass outside its lung is partial volume of the chest wall or of thick
     # slices) and that are connected to the lung, found by one labelling of both together.
-    pieces = cc3d.connected_components(candidate, connectivity=26)
+    pieces, n_pieces = cc3d.connected_components(candidate, connectivity=26, return_N=True)
     dense = np.unique(pieces[candidate & (opacity[box] == 2)])
-    joined = cc3d.connected_components((sub > 0) | candidate, connectivity=26)
+    joined, n_joined = cc3d.connected_components((sub > 0) | candidate, connectivity=26, return_N=True)
     lung_ids = np.unique(joined[sub > 0])
-    add = np.isin(pieces, dense[dense > 0]) & np.isin(joined, lung_ids[lung_ids > 0])
+    add = (members(pieces, dense[dense > 0], n_pieces + 1)
+           & members(joined, lung_ids[lung_ids > 0], n_joined + 1))
     del joined, pieces
     if int(add.sum()) > MAX_ADDED_FRACTION * int((sub > 0).sum()):
         return out  # not lung that stage 1 missed: stage 2 is reading the chest wall

@@ -10,6 +10,7 @@ import numpy as np
 
 from appliance.config import QAConfig
 from appliance.labels import LEFT_LOBES, RIGHT_LOBES, Lobe
+from appliance.pipeline.geometry import bounding_box, members
 
 EDGE_SLICE_MIN_MM2 = 100.0
 """TRUNCATED: more lung than this on the first or last slice means the lungs were cut off."""
@@ -117,11 +118,14 @@ def _truncation(inputs: QAInputs) -> list[QAFlag]:
 def _laterality(inputs: QAInputs, regions: dict[str, dict]) -> list[QAFlag]:
     """In the canonical grid axis 2 increases towards the patient's left."""
     out = []
-    lobes = inputs.lobes
-    cols = np.arange(lobes.shape[2], dtype=np.float64)
+    box = bounding_box(inputs.lobes, margin=0)
+    if box is None:
+        return []
+    lobes = inputs.lobes[box]  # the lung box: a fraction of the scan
+    cols = np.arange(box[2].start, box[2].stop, dtype=np.float64)
 
     def mean_col(labels: tuple[Lobe, ...]) -> float | None:
-        per_col = np.isin(lobes, [int(lb) for lb in labels]).sum(axis=(0, 1))
+        per_col = members(lobes, [int(lb) for lb in labels], max(Lobe) + 1).sum(axis=(0, 1))
         total = per_col.sum()
         return float((per_col * cols).sum() / total) if total else None
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from appliance.labels import LEFT_LOBES, RIGHT_LOBES, Lobe, Opacity
+from appliance.pipeline.geometry import bounding_box
 
 CHUNK_VOXELS = 1 << 22
 REGIONS = ("whole", "right", "left", "RUL", "RML", "RLL", "LUL", "LLL")
@@ -72,14 +73,18 @@ def quantify(
         raise ValueError(f"`hu` must have the shape of `lobes` {lobes.shape}, got {hu.shape}")
     if not (voxel_ml > 0 and math.isfinite(voxel_ml)):
         raise ValueError(f"`voxel_ml` must be a positive number, got {voxel_ml}")
-    lob = lobes.ravel().astype(np.uint8, copy=False)
-    opa = opacity.ravel().astype(np.uint8, copy=False)
-    if lob.max(initial=0) > max(Lobe) or opa.max(initial=0) > max(Opacity):
+    if lobes.max(initial=0) > max(Lobe) or opacity.max(initial=0) > max(Opacity):
         raise ValueError("`lobes` must hold labels 0-5 and `opacity` labels 0-2")
+    # Only the lung box counts (label 0 is never reported): a fraction of the scan.
+    box = bounding_box(lobes, margin=0) if lobes.ndim == 3 else None
+    if box is None:
+        box = (slice(None),) * lobes.ndim
+    lob = lobes[box].ravel().astype(np.uint8, copy=False)
+    opa = opacity[box].ravel().astype(np.uint8, copy=False)
     # One pass over the voxels, in chunks so a 300x512x512 scan needs no int64/float64 copies.
     counts = np.zeros(18, dtype=np.int64)
     hu_sums = np.zeros(6, dtype=np.float64) if hu is not None else None
-    hu_flat = hu.ravel() if hu is not None else None
+    hu_flat = hu[box].ravel() if hu is not None else None
     for start in range(0, lob.size, CHUNK_VOXELS):
         sl = slice(start, start + CHUNK_VOXELS)
         pair = lob[sl] * np.uint8(3) + opa[sl]

@@ -41,6 +41,11 @@ class StageResult:
     plain_labels: np.ndarray | None = None
     """The network's own argmax, before the calibrated class weights; None when no class weight
     differs from 1 (then it equals `labels`). See `decision_labels`."""
+    foreground_pct: float | None = None
+    """Share (%) of the stage's mask (model grid) that the network's own argmax calls foreground:
+    for the opacity stage, the scan's disease burden, which picks the class weights."""
+    class_weights: tuple[float, ...] | None = None
+    """The class weights `labels` were made with (see ModelSpec.class_weights_for)."""
 
     @property
     def decision_labels(self) -> np.ndarray:
@@ -87,13 +92,16 @@ def _run_stage(
     top = probs.max(axis=0)
     fg = probs.argmax(axis=0) > 0
     confidence = float(top[fg].mean()) if fg.any() else None
+    inside = fg[mask] if mask is not None else fg
+    foreground_pct = 100.0 * float(inside.mean()) if inside.size else None
+    class_weights = spec.class_weights_for(foreground_pct)
     kept = probs.copy() if keep_probabilities else None
     plain = None
-    if spec.class_weights is not None and any(w != 1.0 for w in spec.class_weights):
+    if class_weights is not None and any(w != 1.0 for w in class_weights):
         plain = labels_from_probabilities(probs, grid, out_shape)
-    labels = labels_from_probabilities(weighted(probs, spec.class_weights), grid, out_shape)
+    labels = labels_from_probabilities(weighted(probs, class_weights), grid, out_shape)
     return StageResult(labels, confidence, n_tiles, time.perf_counter() - start, kept, grid,
-                       plain)
+                       plain, foreground_pct, class_weights)
 
 
 def weighted(probs: np.ndarray, class_weights: tuple[float, ...] | None) -> np.ndarray:

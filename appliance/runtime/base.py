@@ -50,7 +50,24 @@ class ModelSpec:
     class_weights: tuple[float, ...] | None = None
     """Per-class factors on the probabilities before the argmax (calibrated on training
     phantoms by `export.calibrate`); None means a plain argmax."""
+    heavy_class_weights: tuple[tuple[float, float], tuple[float, ...]] | None = None
+    """((from_pct, to_pct), weights): heavily diseased lungs, where the low background weight
+    over-calls, get other class weights. The scan's burden is the share (%) of the stage's mask
+    that the plain argmax calls foreground; from `from_pct` to `to_pct` the weights move
+    linearly from `class_weights` to these (so PLO stays continuous in the burden: no jump in a
+    patient's serial figures), above `to_pct` they are these. Calibrated too."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def class_weights_for(self, foreground_pct: float | None) -> tuple[float, ...] | None:
+        """The class weights for a scan whose plain argmax has this foreground share (%)."""
+        if self.heavy_class_weights is None or foreground_pct is None:
+            return self.class_weights
+        (lo, hi), heavy = self.heavy_class_weights
+        t = min(max((foreground_pct - lo) / (hi - lo), 0.0), 1.0) if hi > lo else float(foreground_pct >= lo)
+        if t == 0.0:
+            return self.class_weights
+        base = self.class_weights or (1.0,) * len(heavy)
+        return tuple(b + t * (h - b) for b, h in zip(base, heavy, strict=True))
 
     @property
     def n_classes(self) -> int:
@@ -113,7 +130,8 @@ def load_manifest(models_dir: str | Path | None = None) -> dict[str, ModelSpec]:
                 fp16_path=folder / entry["fp16_file"] if entry.get("fp16_file") else None,
                 fp16_sha256=entry.get("fp16_sha256"),
                 min_confidence=float(entry.get("min_confidence", 0.0)),
-                class_weights=_class_weights(entry),
+                class_weights=_class_weights(entry.get("class_weights"), entry),
+                heavy_class_weights=_heavy_class_weights(entry),
                 extra=entry,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -124,14 +142,27 @@ def load_manifest(models_dir: str | Path | None = None) -> dict[str, ModelSpec]:
     return specs
 
 
-def _class_weights(entry: dict[str, Any]) -> tuple[float, ...] | None:
-    weights = entry.get("class_weights")
-    if weights is None:
+def _class_weights(values: Any, entry: dict[str, Any], name: str = "class_weights",
+                   ) -> tuple[float, ...] | None:
+    if values is None:
         return None
-    weights = tuple(float(w) for w in weights)
+    weights = tuple(float(w) for w in values)
     if len(weights) != len(entry["classes"]) or min(weights) <= 0:
-        raise ValueError(f"class_weights must be {len(entry['classes'])} positive numbers, got {weights}")
+        raise ValueError(f"{name} must be {len(entry['classes'])} positive numbers, got {weights}")
     return weights
+
+
+def _heavy_class_weights(entry: dict[str, Any]) -> tuple[tuple[float, float], tuple[float, ...]] | None:
+    heavy = entry.get("heavy_class_weights")
+    if heavy is None:
+        return None
+    lo, hi = (float(v) for v in heavy["foreground_pct"])
+    if not 0.0 <= lo <= hi <= 100.0:
+        raise ValueError(f"heavy_class_weights.foreground_pct must be [from, to] within 0-100, got {[lo, hi]}")
+    weights = _class_weights(heavy["class_weights"], entry, "heavy_class_weights.class_weights")
+    if weights is None:
+        raise ValueError("heavy_class_weights.class_weights is missing")
+    return (lo, hi), weights
 
 
 class Runner:
