@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.analysis import Analyzer
+from appliance.cli import prefer_small_pages
 from appliance.config import load_config
 from appliance.dicom.series import SeriesInfo, load_series
 from appliance.labels import Lobe
@@ -297,6 +298,7 @@ def floors(report: dict) -> dict:
 
 
 def main() -> None:
+    prefer_small_pages()  # as the appliance's own processes do
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phantoms", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "eval")

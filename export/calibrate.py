@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.cli import prefer_small_pages
 from appliance.labels import Lobe
 from appliance.pipeline import postprocess
 from appliance.pipeline.geometry import labels_from_probabilities
@@ -207,6 +208,7 @@ def write_weights(models_dir: Path, background_weight: float,
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_small_pages()  # as the appliance's own processes do
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models-dir", default=str(MODELS_DIR))
     p.add_argument("--phantoms", type=int, default=16,
