@@ -20,7 +20,7 @@ from appliance.config import Config
 from appliance.dicom.series import SelectionRules, SeriesInfo, SeriesRefused, load_series
 from appliance.pipeline import classical, postprocess, qa, quantify
 from appliance.pipeline.geometry import to_canonical
-from appliance.pipeline.segment import segment_lobes, segment_opacity
+from appliance.pipeline.segment import StageResult, segment_lobes, segment_opacity
 from appliance.runtime import load_manifest, open_runner, resolve_backend
 from appliance.volume import Volume
 
@@ -57,6 +57,14 @@ def _scan_fields(info: SeriesInfo, volume: Volume) -> dict:
         "spacing_mm": list(volume.spacing),
         "slice_thickness_mm": info.slice_thickness_mm,
     }
+
+
+def _with_weights(entry: dict, stage: StageResult) -> dict:
+    """A model's result entry plus the class weights its labels were made with and the scan's
+    burden that chose them (the weights follow the burden: see ModelSpec.class_weights_for)."""
+    weights = list(stage.class_weights) if stage.class_weights is not None else None
+    burden = round(stage.foreground_pct, 3) if stage.foreground_pct is not None else None
+    return {**entry, "class_weights": weights, "burden_pct": burden}
 
 
 def classical_lung_ml(volume: Volume) -> float:
@@ -159,7 +167,7 @@ class Analyzer:
             "regions": q["regions"],
             "severity_score": q["severity_score"],
             "qa": checks,
-            "models": [lobes_spec.as_result(), opacity_spec.as_result()],
+            "models": [lobes_spec.as_result(), _with_weights(opacity_spec.as_result(), stage2)],
             "backend": runner.describe(),
             "confidence": {"lobes": stage1.confidence, "opacity": stage2.confidence},
             "tiles": {"lobes": stage1.tiles, "opacity": stage2.tiles},

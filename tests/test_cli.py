@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from appliance.runtime.base import MODELS_DIR
+from appliance.runtime.base import MODELS_DIR, load_manifest
 from tests.onnx_models import write_models
 from tests.paths import REAL
 
@@ -89,6 +89,9 @@ def test_json_contract_with_test_models_and_masks(tmp_path, test_models):
     whole = result["regions"]["whole"]
     assert whole["ggo_pct"] + whole["consolidation_pct"] == pytest.approx(whole["plo_pct"])
     assert set(result["timings_s"]) >= {"load", "lobes", "opacity", "postprocess", "quantify", "total"}
+    opacity_model = result["models"][1]
+    assert opacity_model["name"] == "opacity" and opacity_model["class_weights"] is None  # test models: none
+    assert 0 < opacity_model["burden_pct"] < 100  # the threshold model calls P001's lesions and more
     import nibabel as nib
 
     lobes = nib.load(result["masks"]["lobes"])
@@ -117,6 +120,10 @@ def test_real_scans_run_with_shipped_models(shipped_results):
     for case, result in shipped_results.items():
         assert result["schema_version"] == 1, case
         assert [m["name"] for m in result["models"]] == ["lobes", "opacity"]
+        # the weights the burden chose are on record; none of these scans is heavily diseased
+        burden, weights = result["models"][1]["burden_pct"], result["models"][1]["class_weights"]
+        spec = load_manifest()["opacity"]
+        assert weights == list(spec.class_weights_for(burden)) == list(spec.class_weights), (case, burden)
         assert set(result["regions"]) == {"whole", "right", "left", "RUL", "RML", "RLL", "LUL", "LLL"}
         assert result["timings_s"]["total"] > 0
 
