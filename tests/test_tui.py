@@ -333,7 +333,18 @@ async def test_live_update_when_a_result_lands(app_store, tmp_path):
         await wait_until(pilot, lambda: len(table_text(app, "#results")) == 7, timeout=2.0)
         assert time.monotonic() - written < 1.0, f"seen {time.monotonic() - started:.2f} s later"
         assert table_text(app, "#results")[0].startswith("2020-03-07 09:00 | P009")
-        assert app.screen.query_one("#results", DataTable).get_row_index(str(new_id)) == 0
+        results = app.screen.query_one("#results", DataTable)
+        assert results.get_row_index(str(new_id)) == 0
+        assert results.cursor_row == 0  # a cursor on the newest row follows the newest
+        # a cursor the user moved down stays on its row when a newer result lands above it
+        results.move_cursor(row=2, animate=False)
+        chosen = results.coordinate_to_cell_key(results.cursor_coordinate).row_key.value
+        with Store.open(path / "appliance.db") as writer:
+            add_scan(writer, Paths(path), tmp_path, patient="P010", number=91, seed=13,
+                     severity="moderate", day=36)
+        await wait_until(pilot, lambda: len(table_text(app, "#results")) == 8, timeout=2.0)
+        assert results.cursor_row == 3
+        assert results.coordinate_to_cell_key(results.cursor_coordinate).row_key.value == chosen
         # a series growing while it arrives: the instance count follows
         with Store.open(path / "appliance.db") as writer:
             series, study = f"{UID}.43.2", f"{UID}.43.1"

@@ -139,9 +139,11 @@ class OverviewScreen(Screen):
             self.query_one("#series", DataTable).border_subtitle = f"last {fmt_epoch(latest)}"
 
     def _refill(self, table_id: str, rows: list[tuple[str, str, tuple]]) -> DataTable:
-        """Replace the rows, keeping the cursor on the same row key when it is still there."""
+        """Replace the rows. A cursor on the first row follows the newest (what a technologist
+        watching scans arrive wants under Enter); elsewhere it stays on the same row key when
+        that row is still there."""
         table = self.query_one(f"#{table_id}", DataTable)
-        current = self._cursor_key(table)
+        current = self._cursor_key(table) if table.cursor_row > 0 else None
         table.clear()
         self.patients[table_id] = {}
         for key, patient, cells in rows:
@@ -149,6 +151,8 @@ class OverviewScreen(Screen):
             self.patients[table_id][key] = patient
         if current is not None and current in self.patients[table_id]:
             table.move_cursor(row=table.get_row_index(current), animate=False)
+        elif table.row_count:
+            table.move_cursor(row=0, animate=False)
         return table
 
     @staticmethod
