@@ -236,8 +236,12 @@ def eval_labelled(analyzer: Analyzer, case: str, out: Path) -> dict:
         montage([axial(hu, a.lobes, a.opacity, k=s[0]) for s in worst],
                 [f"{case} slice {s[0]} labelled infection-free: {100 * s[4]:.1f}% opacity"
                  for s in worst]).save(out / f"{case}-negative-slices.png")
+    classical_ml = float(classical.lung_mask(a.volume.array, a.volume.spacing).sum()) * a.volume.voxel_ml
     return {
         "lobe_plo_pct": plo, "whole_plo_pct": r["whole"]["plo_pct"],
+        # context for the lung outline: the HU-threshold mask also holds the trachea and main
+        # bronchi, and on some scans gastric or colonic gas touching the lung bases
+        "lung_ml": r["whole"]["lung_ml"], "classical_lung_ml": classical_ml,
         "labelled_lobes": labelled,
         "labelled_are_highest": set(ranked[: len(labelled)]) == set(labelled),
         "every_labelled_above_0.5": all((plo[lb] or 0) > INVOLVED_PLO for lb in labelled),

@@ -1,11 +1,14 @@
-"""Clean-up of model labels: lobe components and holes, opacity confined to the lung, and dense
-opacity that stage 1 left out taken back into the lung."""
+"""Clean-up of model labels: lobe components and holes, opacity confined to the lung, and aerated
+lung and dense opacity that stage 1 left out taken back into the lung."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from appliance.pipeline import postprocess
 from appliance.pipeline.postprocess import (
+    MAX_AERATED_FRACTION,
+    add_aerated_lung,
     add_opacified_lung,
     clean_lobes,
     clean_opacity,
@@ -150,3 +153,66 @@ def test_a_thin_shell_of_consolidation_outside_the_lung_is_not_taken_for_lung():
     assert (out[missed] == 1).mean() > 0.6  # ... all but its edges, rounded by the 5 mm ball
     assert (add_opacified_lung(stage1, opacity, (1.0, 1.0, 1.0), min_radius_mm=0.0)[5:35, 50:53, 32:50]
             == 4).all()  # without the opening the shell would join lobe 4
+
+
+FINE = (2.0, 1.2, 1.2)
+"""A scan-like grid: the aerated-lung search runs on it directly (no in-plane stride)."""
+
+
+def chest_with_missed_lung():
+    """Soft tissue with a lung block of two lobes (2 in x < 40, 3 beyond); stage 1 missed a
+    12 mm slab of lobe 2 at the side. An airway of pure air leaves the lung's top, and a 1-voxel
+    shell of aerated voxels lies along the lung's back."""
+    hu = np.full((30, 60, 80), 40.0, np.float32)
+    truth = np.zeros(hu.shape, np.uint8)
+    truth[5:25, 10:50, 10:40] = 2
+    truth[5:25, 10:50, 40:70] = 3
+    hu[truth > 0] = -850.0
+    hu[25:30, 26:34, 36:44] = -1000.0  # trachea-like tube on the lung's top
+    hu[5:25, 50, 10:70] = -850.0  # thin shell behind the lung (partial volume at the pleura)
+    hu[5:25, 54:60, 10:70] = -850.0  # aerated but apart from the lung (a bowel loop, say)
+    stage1 = truth.copy()
+    stage1[:, :, 10:20] = 0  # the missed slab, 12 mm thick
+    return hu, truth, stage1
+
+
+def test_aerated_lung_that_stage_1_missed_joins_the_nearest_lobe():
+    hu, truth, stage1 = chest_with_missed_lung()
+    out = add_aerated_lung(stage1, hu, FINE)
+    # The slab is lung again, of the lobe beside it; the opening rounds off its edges (a ball
+    # does not fit into a box's corners), so only most of it, and all of its inside, returns.
+    slab = out[5:25, 10:50, 10:20]
+    assert set(np.unique(slab)) == {0, 2} and (slab == 2).mean() > 0.9
+    assert (out[7:23, 13:47, 13:20] == 2).all()
+    assert (out[truth == 3] == 3).all() and (out[5:25, 10:50, 20:40] == 2).all()
+    assert (out[25:30] == 0).all()  # the airway is air, not parenchyma
+    assert (out[:, 50, 22:] == 0).all()  # a shell too thin to hold the 3 mm ball stays out
+    assert (out[:, 54:60] == 0).all()  # aerated pieces that do not touch the lung stay out
+    assert (stage1[:, :, 10:20] == 0).all()  # the input is left alone
+
+
+def test_aerated_lung_is_not_added_when_it_would_be_most_of_the_lung():
+    hu, _, stage1 = chest_with_missed_lung()
+    small = np.zeros_like(stage1)
+    small[10:20, 20:40, 45:60] = 3  # stage 1 found only a small part of the aerated block
+    assert MAX_AERATED_FRACTION * (small > 0).sum() < 20 * 40 * 60
+    out = add_aerated_lung(small, hu, FINE)
+    assert (out == small).all()
+
+
+def test_nothing_aerated_to_add_leaves_the_lobes_as_they_are():
+    hu, truth, _ = chest_with_missed_lung()
+    assert (add_aerated_lung(truth, hu, FINE) == truth).all()
+    empty = np.zeros_like(truth)
+    assert (add_aerated_lung(empty, hu, FINE) == empty).all()
+
+
+def test_aerated_bowel_meeting_the_lung_at_one_end_stays_out(monkeypatch):
+    """A gas-and-stool loop (parenchyma-like HU) that meets the lung only with its end."""
+    hu, truth, _ = chest_with_missed_lung()
+    hu[10:16, 20:26, 70:78] = -850.0  # the loop's end against lobe 3's side
+    hu[10:16, 20:58, 72:78] = -850.0  # and its length, running away from the lung
+    out = add_aerated_lung(truth, hu, FINE)
+    assert (out == truth).all()
+    monkeypatch.setattr(postprocess, "MIN_CONTACT_SHARE", 0.0)  # without the contact rule it would join
+    assert (add_aerated_lung(truth, hu, FINE)[10:16, 30:58, 72:78] == 3).any()

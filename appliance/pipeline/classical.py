@@ -11,7 +11,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
-from appliance.pipeline.geometry import members
+from appliance.pipeline.geometry import ball, members
 
 AIR_THRESHOLD_HU = -400.0
 """Lung parenchyma is below this; soft tissue and bone are above."""
@@ -19,13 +19,6 @@ GGO_RANGE_HU = (-750.0, -300.0)
 CONSOLIDATION_RANGE_HU = (-300.0, 100.0)
 SECOND_LUNG_MIN_FRACTION = 0.15
 """A second air component counts as a lung when at least this fraction of the largest one."""
-
-
-def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    r = [max(1, int(round(radius_mm / s))) for s in spacing]
-    zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
-    d = (zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2
-    return d <= radius_mm**2
 
 
 def lung_mask(
@@ -64,7 +57,7 @@ def lung_mask(
     if not mask.any():
         return mask
     # Close small gaps at the pleura and fill vessels in the lung, slice by slice.
-    mask = ndimage.binary_closing(mask, structure=_ball(2.0, spacing), border_value=0) | mask
+    mask = ndimage.binary_closing(mask, structure=ball(2.0, spacing), border_value=0) | mask
     for k in range(mask.shape[0]):
         if mask[k].any():
             mask[k] = ndimage.binary_fill_holes(mask[k])

@@ -185,6 +185,14 @@ def bounding_box(
     return tuple(box)  # type: ignore[return-value]
 
 
+def ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Boolean ball of `radius_mm` on a grid of `spacing` (z, y, x), at least one voxel each way."""
+    r = [max(1, int(round(radius_mm / s))) for s in spacing]
+    zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
+    d = (zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2
+    return d <= radius_mm**2
+
+
 def members(labels: np.ndarray, ids: Sequence[int] | np.ndarray, n_labels: int | None = None) -> np.ndarray:
     """Boolean mask of the voxels of an integer label map whose label is in ``ids``, through a
     lookup table: one gather, where np.isin sorts the whole array. ``n_labels`` (the largest
