@@ -216,3 +216,10 @@ def test_aerated_bowel_meeting_the_lung_at_one_end_stays_out(monkeypatch):
     assert (out == truth).all()
     monkeypatch.setattr(postprocess, "MIN_CONTACT_SHARE", 0.0)  # without the contact rule it would join
     assert (add_aerated_lung(truth, hu, FINE)[10:16, 30:58, 72:78] == 3).any()
+
+
+def test_a_missed_ground_glass_slab_is_left_to_the_opacity_rules():
+    """Stage 1 takes diseased lung in itself; a missed piece at ground-glass HU is not a recess."""
+    hu, _, stage1 = chest_with_missed_lung()
+    hu[5:25, 10:50, 10:20] = -500.0
+    assert (add_aerated_lung(stage1, hu, FINE) == stage1).all()

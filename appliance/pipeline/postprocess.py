@@ -138,6 +138,10 @@ AERATED_GRID_MM = 2.0
 AIRWAY_MEDIAN_HU = -900.0
 """Pieces whose median HU is below this are air, not parenchyma: the trachea, main bronchi and
 bowel gas (median -920 to -970 HU on the real scans) against lung (-760 to -870)."""
+GROUND_GLASS_MEDIAN_HU = -700.0
+"""Pieces whose median HU is above this are mostly ground glass: stage 1 takes diseased lung in
+itself, so this step only takes back lung that is mostly aerated (a lesion at -500 HU that
+stage 1 left out is stage 2's and the opacity rules' business, not a missed recess)."""
 MIN_CONTACT_SHARE = 0.04
 """A piece of missed lung lies against the lung along a face: on the real scans 5-30% of its
 voxels (on the 2 mm grid) touch stage 1's lung, 6.6% for cap-cap001's 224 ml recess. Bowel gas
@@ -152,8 +156,9 @@ def add_aerated_lung(lobes: np.ndarray, hu: np.ndarray, spacing: tuple[float, fl
     """On real scans stage 1 can leave aerated lung out at the bases (cap-cap001: the left
     costophrenic recess and the lung beside the heart apex, about 210 ml, 2 cm thick). Aerated
     voxels near the lung that stage 1 left out, thick enough to hold a ball of
-    `min_radius_mm`, lying against the lung along a face and with the HU of parenchyma rather
-    than of air, are lung, of the nearest lobe. The search runs on a grid of about 2 mm."""
+    `min_radius_mm`, lying against the lung along a face and with the median HU of aerated
+    parenchyma (not of air, not of ground glass), are lung, of the nearest lobe. The search
+    runs on a grid of about 2 mm."""
     lung = lobes > 0
     box = bounding_box(lung, margin=tuple(int(round(AERATED_SEARCH_MM / s)) for s in spacing))
     if box is None:
@@ -171,12 +176,14 @@ def add_aerated_lung(lobes: np.ndarray, hu: np.ndarray, spacing: tuple[float, fl
     pieces, n = cc3d.connected_components(thick, connectivity=26, return_N=True)
     labels = pieces[thick]
     sizes = np.bincount(labels, minlength=n + 1)
-    # Lung, not airway or bowel: a share of the piece lies against the lung, and at least half
-    # of its voxels have the HU of parenchyma.
+    # Lung, not airway or bowel: a share of the piece lies against the lung, and its median HU
+    # is that of aerated parenchyma (between air and ground glass).
     beside_lung = ndimage.binary_dilation(coarse_lobes > 0, structure=np.ones((3, 3, 3), bool)) & thick
     contact = np.bincount(pieces[beside_lung], minlength=n + 1)
-    dense = np.bincount(labels, weights=coarse_hu[thick] >= AIRWAY_MEDIAN_HU, minlength=n + 1)
-    keep = np.flatnonzero((contact > 0) & (contact >= MIN_CONTACT_SHARE * sizes) & (dense >= 0.5 * sizes))
+    above_air = np.bincount(labels, weights=coarse_hu[thick] >= AIRWAY_MEDIAN_HU, minlength=n + 1)
+    above_aerated = np.bincount(labels, weights=coarse_hu[thick] > GROUND_GLASS_MEDIAN_HU, minlength=n + 1)
+    keep = np.flatnonzero((contact > 0) & (contact >= MIN_CONTACT_SHARE * sizes)
+                          & (above_air >= 0.5 * sizes) & (above_aerated < 0.5 * sizes))
     keep = keep[keep > 0]
     if keep.size == 0:
         return lobes
