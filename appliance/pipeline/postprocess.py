@@ -182,9 +182,8 @@ def add_aerated_lung(lobes: np.ndarray, hu: np.ndarray, spacing: tuple[float, fl
     contact = np.bincount(pieces[beside_lung], minlength=n + 1)
     above_air = np.bincount(labels, weights=coarse_hu[thick] >= AIRWAY_MEDIAN_HU, minlength=n + 1)
     above_aerated = np.bincount(labels, weights=coarse_hu[thick] > GROUND_GLASS_MEDIAN_HU, minlength=n + 1)
-    keep = np.flatnonzero((contact > 0) & (contact >= MIN_CONTACT_SHARE * sizes)
-                          & (above_air >= 0.5 * sizes) & (above_aerated < 0.5 * sizes))
-    keep = keep[keep > 0]
+    keep = np.flatnonzero((contact >= MIN_CONTACT_SHARE * sizes) & (above_air >= 0.5 * sizes)
+                          & (above_aerated < 0.5 * sizes))  # label 0 has size 0: never kept
     if keep.size == 0:
         return lobes
     kept = members(pieces, keep, n + 1)
