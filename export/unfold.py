@@ -22,7 +22,7 @@ from torch import nn
 from export.unet import UNet3D
 
 
-def _folded_layers(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def folded_layers(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Module name (as in the PyTorch model) -> (weight, bias) for every Conv/ConvTranspose."""
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -44,17 +44,21 @@ def load_folded(model: UNet3D, path: str | Path) -> int:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`init_from` must be an ONNX file, got {str(path)!r}")
-    layers = _folded_layers(path)
+    return load_layers(model, folded_layers(path), path.name)
+
+
+def load_layers(model: UNet3D, layers: dict[str, tuple[np.ndarray, np.ndarray]], label: str) -> int:
+    """Load folded (weight, bias) pairs by module name, as `load_folded` does for a file."""
     modules = dict(model.named_modules())
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
     if sorted(convs) != sorted(layers):
-        raise ValueError(f"`{path.name}` has layers {sorted(layers)}, the network {sorted(convs)}: "
+        raise ValueError(f"`{label}` has layers {sorted(layers)}, the network {sorted(convs)}: "
                          "train with the architecture in its manifest")
     with torch.no_grad():
         for name in convs:
             conv, (weight, bias) = modules[name], layers[name]
             if tuple(conv.weight.shape) != weight.shape:
-                raise ValueError(f"`{path.name}` layer {name} has shape {weight.shape}, the network "
+                raise ValueError(f"`{label}` layer {name} has shape {weight.shape}, the network "
                                  f"{tuple(conv.weight.shape)}")
             conv.weight.copy_(torch.from_numpy(weight))
             if conv.bias is not None:

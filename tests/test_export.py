@@ -556,3 +556,66 @@ def test_a_continued_model_records_the_version_it_started_from(tmp_path):
     assert describe_model_file(onnx_file) == f"lobes.onnx 0.3.0 (sha256 {digest})"
     (tmp_path / "manifest.json").write_text("{ broken")
     assert describe_model_file(onnx_file) == f"lobes.onnx (sha256 {digest})"
+
+
+# --------------------------------------------------------------------------------------------
+# Model soup (weight averaging of continuations)
+
+
+def _save_weights(model, path, stage="opacity"):
+    torch.save({"stage": stage, "unet": model.config.to_dict(), "state_dict": model.state_dict(),
+                "training": {"steps": 7}, "metrics": {}}, path)
+    return path
+
+
+def test_a_soup_is_the_weighted_mean_of_the_folded_layers(tmp_path):
+    pytest.importorskip("onnx")
+    from export.onnx import export_onnx, load_model
+    from export.soup import make_soup, read_ingredient
+
+    a = _save_weights(_tiny_model(seed=0), tmp_path / "a.pt")
+    b = _save_weights(_tiny_model(seed=1), tmp_path / "b.pt")
+    soup = make_soup([a, b], [1.0, 3.0], tmp_path / "soup.pt")
+    la, lb, ls = (read_ingredient(p).layers for p in (a, b, soup))
+    assert all(not np.allclose(la[n][0], lb[n][0]) for n in la)  # two different networks
+    for name, (weight, bias) in ls.items():
+        np.testing.assert_allclose(weight, 0.25 * la[name][0] + 0.75 * lb[name][0], atol=1e-6)
+        np.testing.assert_allclose(bias, 0.25 * la[name][1] + 0.75 * lb[name][1], atol=1e-6)
+    stage, _, training, _ = load_model(soup)
+    assert stage == "opacity"
+    assert [i["coefficient"] for i in training["ingredients"]] == [0.25, 0.75]
+    assert training["ingredients"][0]["model"].startswith(f"{tmp_path.name}/a.pt step 7 (sha256 ")
+
+    # a shipped ONNX file is an ingredient too (architecture from the manifest beside it), and a
+    # soup that takes all of one ingredient computes what that ingredient computes
+    folder = tmp_path / "models"
+    export_onnx(_tiny_model(seed=0), TINY_TILE, folder / "opacity.onnx")
+    config = _tiny_model().config.to_dict()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"models": {"opacity": {"name": "opacity", "file": "opacity.onnx", "architecture": config}}}))
+    only_a = make_soup([folder / "opacity.onnx", b], [1.0, 0.0], tmp_path / "only_a.pt")
+    _, model, _, _ = load_model(only_a)
+    x = torch.from_numpy(_smooth_tiles(2, seed=5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _tiny_model(seed=0)(x), atol=1e-4, rtol=0)
+
+
+def test_a_soup_refuses_what_cannot_be_averaged(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from export.soup import main, make_soup
+
+    a = _save_weights(_tiny_model(seed=0), tmp_path / "a.pt")
+    wider = _save_weights(_tiny_model(seed=0, coords=1), tmp_path / "coords.pt")
+    lobes = _save_weights(_tiny_model(seed=0), tmp_path / "lobes.pt", stage="lobes")
+    with pytest.raises(ValueError, match="network"):
+        make_soup([a, wider], None, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="lobes network"):
+        make_soup([a, lobes], None, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="at least two"):
+        make_soup([a], None, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="non-negative"):
+        make_soup([a, a], [1.0, -1.0], tmp_path / "x.pt")
+    assert main([str(a), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.pt` is not a file" in err
+    assert not (tmp_path / "x.pt").exists()
