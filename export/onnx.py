@@ -68,7 +68,10 @@ def load_model(path: str | Path) -> tuple[str, UNet3D, dict[str, Any], dict[str,
     path = Path(path)
     if not path.exists():
         raise ValueError(f"`weights` must be an existing file, got {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and torch errors alike: not a weights file
+        raise ValueError(f"`weights` must be a file written by export.train, got {path} ({type(e).__name__})") from e
     if not isinstance(state, dict) or "unet" not in state or "stage" not in state:
         raise ValueError(f"`weights` must be a file written by export.train, got {path}")
     config = UNetConfig.from_dict(state["unet"])

@@ -86,9 +86,11 @@ def average(ingredients: list[Ingredient], coefficients: list[float]) -> Layers:
         raise ValueError(f"`coefficients` must be {len(ingredients)} non-negative numbers, got {coefficients}")
     first = ingredients[0]
     for other in ingredients[1:]:
-        if other.stage != first.stage or other.config != first.config:
-            raise ValueError(f"`{other.path}` is a {other.stage} network {other.config.to_dict()}, "
-                             f"`{first.path}` a {first.stage} network {first.config.to_dict()}")
+        if other.stage != first.stage:
+            raise ValueError(f"`{other.path}` is the {other.stage} stage, `{first.path}` the {first.stage} stage")
+        if other.config != first.config:
+            raise ValueError(f"`{other.path}` is another network than `{first.path}`: "
+                             f"{other.config.to_dict()} vs {first.config.to_dict()}")
         if sorted(other.layers) != sorted(first.layers):
             raise ValueError(f"`{other.path}` and `{first.path}` have different layers")
     w = np.asarray(coefficients, dtype=np.float64) / float(sum(coefficients))
@@ -130,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coefficients", default="", help="comma-separated, one per ingredient (default: equal)")
     a = p.parse_args(argv)
     try:
-        coefficients = [float(v) for v in a.coefficients.split(",")] if a.coefficients else None
+        try:
+            coefficients = [float(v) for v in a.coefficients.split(",")] if a.coefficients else None
+        except ValueError:
+            raise ValueError(f"`coefficients` must be comma-separated numbers, got {a.coefficients!r}") from None
         path = make_soup(a.ingredients, coefficients, a.out)
     except ValueError as e:
         print(f"export.soup: {e}", file=sys.stderr)

@@ -607,9 +607,9 @@ def test_a_soup_refuses_what_cannot_be_averaged(tmp_path, capsys):
     a = _save_weights(_tiny_model(seed=0), tmp_path / "a.pt")
     wider = _save_weights(_tiny_model(seed=0, coords=1), tmp_path / "coords.pt")
     lobes = _save_weights(_tiny_model(seed=0), tmp_path / "lobes.pt", stage="lobes")
-    with pytest.raises(ValueError, match="network"):
+    with pytest.raises(ValueError, match="another network"):
         make_soup([a, wider], None, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="lobes network"):
+    with pytest.raises(ValueError, match="the lobes stage"):
         make_soup([a, lobes], None, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="at least two"):
         make_soup([a], None, tmp_path / "x.pt")
@@ -618,4 +618,9 @@ def test_a_soup_refuses_what_cannot_be_averaged(tmp_path, capsys):
     assert main([str(a), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.pt` is not a file" in err
+    (tmp_path / "notes.pt").write_text("# not weights")
+    assert main([str(a), str(tmp_path / "notes.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert main([str(a), str(a), "--coefficients", "1,x", "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "must be a file written by export.train" in err[0] and "comma-separated numbers" in err[1]
     assert not (tmp_path / "x.pt").exists()
