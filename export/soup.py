@@ -4,18 +4,19 @@
         out/checkpoints/opacity_v5/opacity.pt [--coefficients 0.5,0.5]
 
 Continuations that start from the same shipped model with small learning rates stay in one basin
-of the loss, so the average of their weights is a model of its own that is often better than each
-of them: one run learns consolidation better, another keeps the ground-glass rim. The average
-costs nothing at run time (same network, same size). Ingredients are shipped ONNX files (their
-architecture comes from the manifest beside them) or `export.train` weights (.pt); every
-ingredient is reduced to its BatchNorm-folded convolutions, which is what the runtime computes,
-and those are averaged. The output is a weights file that `python -m export.onnx --weights`
-exports and checks like any other.
+of the loss, so the average of their weights is a working model of its own, and in the paper's
+experiments often a better one than each of them (for this project's CPU continuations it was
+not: MODEL_CARD.md). The average costs nothing at run time (same network, same size).
+Ingredients are shipped ONNX files (their architecture comes from the manifest beside them) or
+`export.train` weights (.pt); every ingredient is reduced to its BatchNorm-folded convolutions,
+which is what the runtime computes, and those are averaged. The output is a weights file that
+`python -m export.onnx --weights` exports and checks like any other.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,9 +29,7 @@ import torch
 from export.onnx import export_onnx, load_model, sha256_of
 from export.train import describe_model_file
 from export.unet import UNet3D, UNetConfig, count_parameters
-from export.unfold import folded_layers, load_layers
-
-Layers = dict[str, tuple[np.ndarray, np.ndarray]]
+from export.unfold import Layers, folded_layers, load_layers
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,15 @@ class Ingredient:
 
 
 def _manifest_entry_for(onnx_path: Path) -> dict[str, Any]:
-    import json
-
     manifest = onnx_path.parent / "manifest.json"
     if not manifest.is_file():
         raise ValueError(f"`{onnx_path}` has no manifest.json beside it to give its architecture")
-    models = json.loads(manifest.read_text()).get("models", {})
+    try:
+        models = json.loads(manifest.read_text()).get("models", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{manifest} is not a models manifest ({e})") from None
     for entry in models.values():
-        if entry.get("file") == onnx_path.name:
+        if entry.get("file") == onnx_path.name and "architecture" in entry:
             return entry
     raise ValueError(f"{manifest} has no entry for `{onnx_path.name}`")
 
@@ -62,8 +62,12 @@ def read_ingredient(path: str | Path) -> Ingredient:
         raise ValueError(f"ingredient `{path}` is not a file")
     if path.suffix == ".onnx":
         entry = _manifest_entry_for(path)
+        try:
+            layers = folded_layers(path)
+        except Exception as e:  # protobuf decode errors: not an ONNX file
+            raise ValueError(f"`{path}` is not an exported ONNX model ({e})") from None
         config = UNetConfig.from_dict(entry["architecture"])
-        return Ingredient(path, entry["name"], config, folded_layers(path), describe_model_file(path))
+        return Ingredient(path, entry["name"], config, layers, describe_model_file(path))
     stage, model, training, _ = load_model(path)
     with tempfile.TemporaryDirectory() as tmp:
         # fold exactly as the shipped export does, so every ingredient is in the same form

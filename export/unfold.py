@@ -21,12 +21,15 @@ from torch import nn
 
 from export.unet import UNet3D
 
+Layers = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Module name (as in the PyTorch model) -> a convolution's folded (weight, bias)."""
 
-def folded_layers(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+
+def folded_layers(path: Path) -> Layers:
     """Module name (as in the PyTorch model) -> (weight, bias) for every Conv/ConvTranspose."""
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    layers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    layers: Layers = {}
     for node in graph.node:
         if node.op_type not in ("Conv", "ConvTranspose"):
             continue
@@ -47,7 +50,7 @@ def load_folded(model: UNet3D, path: str | Path) -> int:
     return load_layers(model, folded_layers(path), path.name)
 
 
-def load_layers(model: UNet3D, layers: dict[str, tuple[np.ndarray, np.ndarray]], label: str) -> int:
+def load_layers(model: UNet3D, layers: Layers, label: str) -> int:
     """Load folded (weight, bias) pairs by module name, as `load_folded` does for a file."""
     modules = dict(model.named_modules())
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
