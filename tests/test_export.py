@@ -624,3 +624,23 @@ def test_a_soup_refuses_what_cannot_be_averaged(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert "must be a file written by export.train" in err[0] and "comma-separated numbers" in err[1]
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_soup_refuses_an_onnx_ingredient_it_cannot_read(tmp_path):
+    from export.soup import make_soup
+
+    a = _save_weights(_tiny_model(seed=0), tmp_path / "a.pt")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    fake = folder / "opacity.onnx"
+    fake.write_bytes(b"not a protobuf")
+    with pytest.raises(ValueError, match="no manifest.json beside it"):
+        make_soup([a, fake], None, tmp_path / "x.pt")
+    (folder / "manifest.json").write_text("{ broken")
+    with pytest.raises(ValueError, match="is not a models manifest"):
+        make_soup([a, fake], None, tmp_path / "x.pt")
+    config = _tiny_model().config.to_dict()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"models": {"opacity": {"name": "opacity", "file": "opacity.onnx", "architecture": config}}}))
+    with pytest.raises(ValueError, match="is not an exported ONNX model"):
+        make_soup([a, fake], None, tmp_path / "x.pt")
