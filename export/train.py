@@ -103,6 +103,10 @@ class TrainConfig:
     init_from: str = ""
     """An exported ONNX model to start from instead of random weights (see export.unfold);
     ignored when resuming from a checkpoint."""
+    freeze_bn: bool = False
+    """Keep every BatchNorm in eval mode (its running statistics fixed): a continuation then
+    trains the very function the ONNX model computes, instead of one normalised by the
+    statistics of small training crops, which differ from those of whole inference tiles."""
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
@@ -274,7 +278,8 @@ class Trainer:
         if cfg.init_from and self.step == 0:
             layers = load_folded(self.model, cfg.init_from)
             self.init_label = describe_model_file(Path(cfg.init_from))
-            self._calibrate_batchnorm = True  # on the first training batch (see export.unfold)
+            # on the first training batch (see export.unfold); frozen BatchNorm keeps identity
+            self._calibrate_batchnorm = not cfg.freeze_bn
             self.log("init", stage=cfg.stage, init_from=cfg.init_from, layers=layers)
 
     # -- state --------------------------------------------------------------------------------
@@ -335,6 +340,7 @@ class Trainer:
             "train_minutes": round(self.train_seconds / 60, 2),
             "parameters": count_parameters(self.model), "torch": torch.__version__,
             **({"init_from": self.init_label} if self.init_label else {}),
+            **({"batchnorm": "frozen (statistics of the model it started from)"} if c.freeze_bn else {}),
         }
 
     # -- loop ---------------------------------------------------------------------------------
@@ -358,9 +364,16 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.BatchNorm3d):
+                    m.eval()
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, kinds: torch.Tensor,
                    lr: float) -> float:
-        self.model.train()
+        self.train_mode()
         for group in self.opt.param_groups:
             group["lr"] = lr
         if self.device.type == "cuda":
@@ -526,6 +539,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="sampling weights none,mild,moderate,severe,critical (default: the stage's)")
     p.add_argument("--init-from", default="",
                    help="start from an exported ONNX model (e.g. appliance/models/lobes.onnx)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNorm statistics fixed (for continuations of a shipped model)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--export", action="store_true", help="export ONNX at the end (needs onnx)")
     p.add_argument("--models-dir", default="",
@@ -545,7 +560,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         real_dir=a.real_dir, val_every=a.val_every, val_samples=a.val_samples,
         log_every=a.log_every, checkpoint_minutes=a.checkpoint_minutes, crop=pick(a.crop, "crop"), out=a.out,
         threads=a.threads, augment=not a.no_augment, export=a.export, models_dir=a.models_dir,
-        severity_weights=a.severity_weights, init_from=a.init_from,
+        severity_weights=a.severity_weights, init_from=a.init_from, freeze_bn=a.freeze_bn,
     )
 
 

@@ -541,6 +541,30 @@ def test_training_can_start_from_an_exported_model(tmp_path, monkeypatch):
     assert weights["training"]["init_from"].startswith("lobes.onnx (sha256 ")
 
 
+def test_a_frozen_batchnorm_continuation_trains_the_exported_function(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    from export.onnx import export_onnx
+
+    first = _trainer(tmp_path / "a", "lobes", 1, monkeypatch)
+    first.run()
+    path = export_onnx(first.model.eval(), SMALL_LOBES.tile_shape, tmp_path / "lobes.onnx")
+    x = torch.from_numpy(_smooth_tiles(2, SMALL_LOBES.tile_shape, seed=3))
+    for freeze in (True, False):
+        second = _trainer(tmp_path / f"b{freeze}", "lobes", 2, monkeypatch, init_from=str(path), freeze_bn=freeze)
+        bns = [m for m in second.model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+        before = [bn.running_var.clone() for bn in bns]
+        second.run()
+        # frozen: the identity statistics of the unfolded export stay; otherwise batch statistics
+        assert all(torch.equal(b, bn.running_var) for b, bn in zip(before, bns, strict=True)) == freeze
+        second.train_mode()
+        with torch.no_grad():
+            training_forward = second.model(x)
+            eval_forward = second.model.eval()(x)
+        # frozen: what training optimises is the eval (= exported) function, on any batch
+        assert torch.allclose(training_forward, eval_forward, atol=1e-5) == freeze
+        assert ("batchnorm" in second.summary()) == freeze
+
+
 def test_a_continued_model_records_the_version_it_started_from(tmp_path):
     from appliance.runtime.base import MODELS_DIR
     from export.onnx import sha256_of
