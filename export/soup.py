@@ -70,16 +70,13 @@ def read_ingredient(path: str | Path) -> Ingredient:
         return Ingredient(path, entry["name"], config, layers, describe_model_file(path))
     stage, model, training, _ = load_model(path)
     with tempfile.TemporaryDirectory() as tmp:
-        # fold exactly as the shipped export does, so every ingredient is in the same form
-        onnx_path = export_onnx(model, _any_tile(model.config), Path(tmp) / "ingredient.onnx")
+        # fold exactly as the shipped export does, so every ingredient is in the same form; the
+        # smallest tile the network accepts will do (folding does not depend on the tile shape)
+        tile = (model.config.divisor,) * 3
+        onnx_path = export_onnx(model, tile, Path(tmp) / "ingredient.onnx")
         layers = folded_layers(onnx_path)
     return Ingredient(path, stage, model.config, layers,
                       f"{path.parent.name}/{path.name} step {training.get('steps')} (sha256 {sha256_of(path)[:12]})")
-
-
-def _any_tile(config: UNetConfig) -> tuple[int, int, int]:
-    """The smallest tile the network accepts: folding does not depend on the tile shape."""
-    return (config.divisor,) * 3
 
 
 def average(ingredients: list[Ingredient], coefficients: list[float]) -> Layers:
