@@ -43,6 +43,12 @@ MAX_CONTEXTS = 128
 NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 """Also proposed for every SOP class; pynetdicom converts between native syntaxes."""
 _READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError)
+ASSOCIATE_ATTEMPTS = 3
+QUICK_FAILURE_S = 1.0
+"""pynetdicom 3.0 reports a fast rejection as an abort now and then (about 1 in 30 against a
+local Orthanc): its requestor checks the transport after the peer has answered and closed it.
+An association that ends that fast without an answer is asked again, up to ASSOCIATE_ATTEMPTS
+times; one that timed out is not."""
 
 
 class CStoreStatus(IntEnum):
@@ -347,7 +353,7 @@ def _send(dest: Destination, items: list[_Item]) -> str | None:
     ae.maximum_pdu_size = dest.max_pdu
     for sop_class, syntaxes in _contexts(items).items():
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = _associate(ae, dest)
     if not assoc.is_established:
         reason, outcome = _association_error(assoc, dest)
         for item in items:
@@ -365,6 +371,15 @@ def _send(dest: Destination, items: list[_Item]) -> str | None:
         if assoc.is_established:
             assoc.release()
     return None
+
+
+def _associate(ae: AE, dest: Destination) -> Association:
+    for _ in range(ASSOCIATE_ATTEMPTS):
+        start = time.monotonic()
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if assoc.is_established or assoc.is_rejected or time.monotonic() - start > QUICK_FAILURE_S:
+            break
+    return assoc
 
 
 def _store(assoc: Association, item: _Item, dest: Destination) -> FileStatus:
