@@ -166,6 +166,8 @@ class DataConfig:
     """Extra keyword arguments for synthesize (e.g. a smaller shape for tests)."""
     severity_weights: tuple[float, ...] | None = None
     """Sampling weights over SEVERITIES; None means the stage's default."""
+    nodule_fraction: float = 0.0
+    """Opacity stage: fraction of sources given small ground-glass nodules (export.nodules)."""
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
@@ -178,6 +180,8 @@ class DataConfig:
             raise ValueError(f"`crops_per_source` must be >= 1, got {self.crops_per_source}")
         if not 0.0 <= self.real_fraction <= 1.0:
             raise ValueError(f"`real_fraction` must be in [0, 1], got {self.real_fraction}")
+        if not 0.0 <= self.nodule_fraction <= 1.0:
+            raise ValueError(f"`nodule_fraction` must be in [0, 1], got {self.nodule_fraction}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,6 +400,14 @@ def make_chunk(cfg: DataConfig, index: int, *, synthesize: Callable[..., Any] | 
     else:
         synth = synthesize or _default_synthesize()
         source = phantom_source(spec, phantom_seed, severity, synth, cfg.synth_kwargs, rng=rng)
+    if spec.name == "opacity" and source.kind == KIND_FULL and cfg.nodule_fraction > 0:
+        nodule_rng = _derive_seed(cfg.seed, index, 3)  # its own stream: the rest stays as it was
+        if nodule_rng.random() < cfg.nodule_fraction:
+            from export.nodules import add_nodules  # lazy, like the generator
+
+            assert source.lung is not None
+            add_nodules(nodule_rng, source.hu, source.label, source.lung, source.spacing)
+            source.origin += ":nodules"
     centres = _pick_centres(rng, source, spec, cfg.crops_per_source)
     params = [sample_params(rng, spec, c, cfg.augment) for c in centres]
     source.lung = None

@@ -86,6 +86,7 @@ class TrainConfig:
     crops: int = 4
     group: int = 2
     real_fraction: float = 0.0
+    nodule_fraction: float = 0.0
     real_dir: str = str(REAL_DIR)
     val_every: int = 200
     val_samples: int = 4
@@ -251,6 +252,7 @@ class Trainer:
             real_fraction=cfg.real_fraction, real_dir=cfg.real_dir,
             augment=AugmentConfig() if cfg.augment else replace(AugmentConfig(), **_NO_AUG),
             synth_kwargs=self.synth_kwargs, severity_weights=cfg.severity_weights,
+            nodule_fraction=cfg.nodule_fraction,
         )
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = Logger(cfg.out_dir / "log.jsonl", quiet=quiet)
@@ -332,7 +334,9 @@ class Trainer:
             "data": "synthetic phantoms (appliance.phantom, seeds < 1,000,000) with augmentation"
                     + (f"; real scan {c.real_fraction:.0%} of sources (covid-ct-md normal-normal002"
                        + (", classical lung mask only)" if c.stage == "lobes"
-                          else ", inserted lesions)") if c.real_fraction else ""),
+                          else ", inserted lesions)") if c.real_fraction else "")
+                    + (f"; small ground-glass nodules (export.nodules) added to {c.nodule_fraction:.0%}"
+                       " of sources" if c.nodule_fraction else ""),
             "steps": self.step, "samples": self.samples, "batch": c.batch,
             "train_tile": list(self.tile), "seed": c.seed, "optimizer": "AdamW",
             "lr": c.lr, "weight_decay": c.weight_decay, "schedule": "warmup+cosine",
@@ -527,6 +531,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--group", type=int, help="sources shuffled together into batches")
     p.add_argument("--real-fraction", type=float, help="fraction of sources from the real scan")
     p.add_argument("--real-dir", default=str(REAL_DIR))
+    p.add_argument("--nodules", type=float, default=0.0,
+                   help="opacity: fraction of sources given small ground-glass nodules")
     p.add_argument("--val-every", type=int, default=200)
     p.add_argument("--val-samples", type=int, default=4)
     p.add_argument("--log-every", type=int, default=10)
@@ -557,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         base=pick(a.base, "base"),
         top_convs=pick(a.top_convs, "top_convs"), workers=a.workers, crops=pick(a.crops, "crops"),
         group=pick(a.group, "group"), real_fraction=pick(a.real_fraction, "real_fraction"),
-        real_dir=a.real_dir, val_every=a.val_every, val_samples=a.val_samples,
+        nodule_fraction=a.nodules, real_dir=a.real_dir, val_every=a.val_every, val_samples=a.val_samples,
         log_every=a.log_every, checkpoint_minutes=a.checkpoint_minutes, crop=pick(a.crop, "crop"), out=a.out,
         threads=a.threads, augment=not a.no_augment, export=a.export, models_dir=a.models_dir,
         severity_weights=a.severity_weights, init_from=a.init_from, freeze_bn=a.freeze_bn,

@@ -189,6 +189,49 @@ def test_opacity_targets_are_zero_outside_the_lung():
     assert source.label.max() == 2 and not source.label[ph.lobes == 0].any()
 
 
+def test_nodules_are_faint_ground_glass_in_free_lung_and_leave_vessels_alone():
+    from appliance.lesions import HU_TOP
+    from export.nodules import add_nodules
+
+    shape = (30, 60, 60)
+    hu = np.random.default_rng(3).normal(-850, 20, shape).astype(np.int16)
+    hu[:, 28:31, :] = 80  # a dense wall crossing the lung: must stay as it is
+    lung = np.zeros(shape, bool)
+    lung[3:27, 5:55, 5:55] = True
+    label = np.zeros(shape, np.uint8)
+    label[3:27, 5:55, 5:20] = 2  # a lesion already there keeps its label
+    hu0, label0 = hu.copy(), label.copy()
+    n = add_nodules(np.random.default_rng(1), hu, label, lung, (2.0, 1.5, 1.5), count=(8, 8))
+    new = label != label0
+    assert n == int(new.sum()) > 0
+    assert (label[new] == 1).all() and lung[new].all() and not label0[new].any()
+    assert not ((hu != hu0) & ~new).any() and (hu >= hu0).all()
+    assert (hu[hu0 >= HU_TOP] == hu0[hu0 >= HU_TOP]).all()
+    parenchyma = new & (hu0 < -600)
+    assert hu[parenchyma].mean() > hu0[parenchyma].mean() + 60 and hu[parenchyma].max() < -300
+    hu2, label2 = hu0.copy(), label0.copy()
+    add_nodules(np.random.default_rng(1), hu2, label2, lung, (2.0, 1.5, 1.5), count=(8, 8))
+    assert (hu2 == hu).all() and (label2 == label).all()
+
+
+def test_nodules_join_opacity_chunks_only_and_change_nothing_else():
+    spec = SMALL_OPACITY
+    base = D.DataConfig(stage="opacity", seed=4, crops_per_source=2,
+                        synth_kwargs={"shape": spec.synth_shape}, real_fraction=0.0)
+    plain = D.make_chunk(base, 2, synthesize=toy_phantom)
+    with_nodules = D.make_chunk(replace(base, nodule_fraction=1.0), 2, synthesize=toy_phantom)
+    a, b = plain["source"], with_nodules["source"]
+    assert b.origin == a.origin + ":nodules"
+    added = (b.label > 0) & (a.label == 0)
+    assert added.any() and (b.label[a.label > 0] == a.label[a.label > 0]).all()
+    assert not (a.hu != b.hu)[~added].any()
+    lobes = D.DataConfig(stage="lobes", seed=4, synth_kwargs={"shape": (24, 24, 24)})
+    assert not D.make_chunk(replace(lobes, nodule_fraction=1.0), 2, synthesize=toy_phantom)[
+        "source"].origin.endswith(":nodules")
+    with pytest.raises(ValueError, match="`nodule_fraction` must be in"):
+        replace(base, nodule_fraction=1.5)
+
+
 def test_chunk_stream_is_the_same_with_worker_processes():
     cfg = D.DataConfig(stage="lobes", seed=1, crops_per_source=2,
                        synth_kwargs={"shape": (24, 24, 24)})
