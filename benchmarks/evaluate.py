@@ -26,7 +26,7 @@ from appliance.dicom.series import SeriesInfo, load_series
 from appliance.labels import Lobe
 from appliance.pipeline import classical
 from appliance.pipeline.quantify import quantify
-from appliance.render import axial, coronal, montage
+from appliance.render import axial, coronal, montage, overlay
 from appliance.volume import Volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,10 @@ INVOLVED_PLO = 0.5
 AWAY_FROM_LABEL_SLICES = 3
 """An infection-free slice counts as 'away from the labelled disease' when no slice this close
 is labelled infected (lesions run on past the labelled range: covid-P001 slices 18-22)."""
+AIRWAY_LUMEN_HU = -950.0
+"""Mean HU of a 5-voxel neighbourhood below which a voxel is airway lumen, not parenchyma."""
+NODULE_FOUND_SHARE = 0.3
+"""An inserted nodule counts as found when the model calls at least this share of it opacity."""
 SLICE_INVOLVED_FRACTION = 0.005
 """A slice counts as 'involved' when opacity covers more than this fraction of its lung area."""
 
@@ -168,6 +172,46 @@ def eval_inserted(analyzer: Analyzer, out: Path) -> dict:
         }
         save_overlays(out, f"normal001-inserted-{sev}", vol, a.lobes, a.opacity)
     return res
+
+
+def eval_nodules(analyzer: Analyzer, out: Path, count: int = 12) -> dict:
+    """Small ground-glass nodules (the training augmentation of export.train --nodules) inserted
+    into normal001's real lungs with an evaluation seed: how many the opacity stage finds."""
+    from scipy import ndimage
+
+    from appliance.lesions import add_nodules
+
+    volume, info = load_series(REAL / "normal-normal001")
+    hu = volume.array.astype(np.int16, copy=True)
+    # the threshold mask holds the trachea and main bronchi: no place for a nodule
+    lung = classical.lung_mask(volume.array, volume.spacing) & (
+        ndimage.uniform_filter(hu.astype(np.float32), 5) > AIRWAY_LUMEN_HU)
+    truth = np.zeros(hu.shape, np.uint8)
+    ids = np.zeros(hu.shape, np.uint16)
+    add_nodules(np.random.default_rng(EVAL_SEED_BASE + 103), hu, truth, lung, volume.spacing,
+                count=(count, count), ids=ids)
+    vol = Volume(hu.astype(volume.array.dtype), volume.spacing, volume.origin, volume.direction)
+    a = analyzer.analyze_volume(vol, info)
+    found, panels, titles = [], [], []
+    for i in [int(i) for i in np.unique(ids) if i]:  # by number: vessels can cut one in pieces
+        nodule = ids == i
+        share = float((a.opacity[nodule] > 0).mean())
+        found.append(share >= NODULE_FOUND_SHARE)
+        if len(panels) < 6:
+            k, y, x = (int(v) for v in np.argwhere(nodule).mean(axis=0))
+            crop = (k, slice(max(y - 40, 0), y + 40), slice(max(x - 40, 0), x + 40))
+            panels.append(overlay(hu[crop], nodule[crop].astype(np.uint8), a.opacity[crop]))
+            titles.append(f"nodule {i}: {100 * share:.0f}% called")
+    if panels:
+        montage(panels, titles, height=240).save(out / "normal001-inserted-nodules.png")
+    return {
+        "nodules": len(found), "found": int(sum(found)),
+        "sensitivity": sum(found) / len(found) if found else None,
+        "found_means": f">= {NODULE_FOUND_SHARE:.0%} of the nodule's voxels called opacity",
+        "opacity_dice_in_nodules": dice(truth > 0, (a.opacity > 0) & (ids > 0)),
+        "opacity_ml_outside_nodules": float(((a.opacity > 0) & (truth == 0)).sum()) * vol.voxel_ml,
+        "nodule_ml": float((truth > 0).sum()) * vol.voxel_ml,
+    }
 
 
 def eval_normal(analyzer: Analyzer, out: Path, case: str = "normal001") -> dict:
@@ -319,6 +363,7 @@ def main() -> None:
         if not args.skip_real and REAL.exists():
             report["inserted_normal001"] = eval_inserted(analyzer, args.out)
             report["normal001"] = eval_normal(analyzer, args.out)
+            report["inserted_nodules_normal001"] = eval_nodules(analyzer, args.out)
             # The training scan: shown for its overlay and its PLO, never counted as evaluation.
             report["normal002_training_scan"] = eval_normal(analyzer, args.out, "normal002")
             report["covid-P001"] = eval_labelled(analyzer, "covid-P001", args.out)

@@ -167,7 +167,7 @@ class DataConfig:
     severity_weights: tuple[float, ...] | None = None
     """Sampling weights over SEVERITIES; None means the stage's default."""
     nodule_fraction: float = 0.0
-    """Opacity stage: fraction of sources given small ground-glass nodules (export.nodules)."""
+    """Opacity stage: fraction of sources given small ground-glass nodules (appliance.lesions.add_nodules)."""
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
@@ -403,7 +403,7 @@ def make_chunk(cfg: DataConfig, index: int, *, synthesize: Callable[..., Any] | 
     if spec.name == "opacity" and source.kind == KIND_FULL and cfg.nodule_fraction > 0:
         nodule_rng = _derive_seed(cfg.seed, index, 3)  # its own stream: the rest stays as it was
         if nodule_rng.random() < cfg.nodule_fraction:
-            from export.nodules import add_nodules  # lazy, like the generator
+            from appliance.lesions import add_nodules  # lazy, like the generator
 
             assert source.lung is not None
             add_nodules(nodule_rng, source.hu, source.label, source.lung, source.spacing)

@@ -335,7 +335,7 @@ class Trainer:
                     + (f"; real scan {c.real_fraction:.0%} of sources (covid-ct-md normal-normal002"
                        + (", classical lung mask only)" if c.stage == "lobes"
                           else ", inserted lesions)") if c.real_fraction else "")
-                    + (f"; small ground-glass nodules (export.nodules) added to {c.nodule_fraction:.0%}"
+                    + (f"; small ground-glass nodules (appliance.lesions.add_nodules) added to {c.nodule_fraction:.0%}"
                        " of sources" if c.nodule_fraction else ""),
             "steps": self.step, "samples": self.samples, "batch": c.batch,
             "train_tile": list(self.tile), "seed": c.seed, "optimizer": "AdamW",

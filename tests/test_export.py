@@ -190,8 +190,7 @@ def test_opacity_targets_are_zero_outside_the_lung():
 
 
 def test_nodules_are_faint_ground_glass_in_free_lung_and_leave_vessels_alone():
-    from appliance.lesions import HU_TOP
-    from export.nodules import add_nodules
+    from appliance.lesions import HU_TOP, add_nodules
 
     shape = (30, 60, 60)
     hu = np.random.default_rng(3).normal(-850, 20, shape).astype(np.int16)
@@ -201,9 +200,10 @@ def test_nodules_are_faint_ground_glass_in_free_lung_and_leave_vessels_alone():
     label = np.zeros(shape, np.uint8)
     label[3:27, 5:55, 5:20] = 2  # a lesion already there keeps its label
     hu0, label0 = hu.copy(), label.copy()
-    n = add_nodules(np.random.default_rng(1), hu, label, lung, (2.0, 1.5, 1.5), count=(8, 8))
+    ids = np.zeros(shape, np.uint16)
+    n = add_nodules(np.random.default_rng(1), hu, label, lung, (2.0, 1.5, 1.5), count=(8, 8), ids=ids)
     new = label != label0
-    assert n == int(new.sum()) > 0
+    assert n == int(new.sum()) > 0 and ((ids > 0) == new).all() and 1 < ids.max() <= 8
     assert (label[new] == 1).all() and lung[new].all() and not label0[new].any()
     assert not ((hu != hu0) & ~new).any() and (hu >= hu0).all()
     assert (hu[hu0 >= HU_TOP] == hu0[hu0 >= HU_TOP]).all()
