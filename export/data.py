@@ -36,6 +36,10 @@ VALIDATION_SEED_BASE = 1_000_000
 """Phantom seeds >= this are never used for training (validation and evaluation only)."""
 SEVERITIES = ("none", "mild", "moderate", "severe", "critical")
 AIR_HU = -1024.0
+NODULE_COUNT = (2, 8)
+"""Nodules per source given them (`DataConfig.nodule_fraction`)."""
+NODULE_CENTRE_FRACTION = 0.35
+"""Share of such a source's crops centred on a nodule voxel."""
 KIND_FULL = 0
 """The target holds every class of the stage."""
 KIND_LUNG_ONLY = 1
@@ -400,15 +404,24 @@ def make_chunk(cfg: DataConfig, index: int, *, synthesize: Callable[..., Any] | 
     else:
         synth = synthesize or _default_synthesize()
         source = phantom_source(spec, phantom_seed, severity, synth, cfg.synth_kwargs, rng=rng)
+    nodules = np.empty(0, np.int64)
     if spec.name == "opacity" and source.kind == KIND_FULL and cfg.nodule_fraction > 0:
         nodule_rng = _derive_seed(cfg.seed, index, 3)  # its own stream: the rest stays as it was
         if nodule_rng.random() < cfg.nodule_fraction:
             from appliance.lesions import add_nodules  # lazy, like the generator
 
             assert source.lung is not None
-            add_nodules(nodule_rng, source.hu, source.label, source.lung, source.spacing)
+            ids = np.zeros(source.hu.shape, np.uint16)
+            add_nodules(nodule_rng, source.hu, source.label, source.lung, source.spacing,
+                        count=NODULE_COUNT, ids=ids)
+            nodules = np.flatnonzero(ids)
             source.origin += ":nodules"
     centres = _pick_centres(rng, source, spec, cfg.crops_per_source)
+    if nodules.size:
+        # a few hundred voxels among the lesions' hundreds of thousands: aim some crops at them
+        for i in range(len(centres)):
+            if nodule_rng.random() < NODULE_CENTRE_FRACTION:
+                centres[i] = np.unravel_index(nodules[nodule_rng.integers(nodules.size)], source.hu.shape)
     params = [sample_params(rng, spec, c, cfg.augment) for c in centres]
     source.lung = None
     return {"source": source, "params": params, "index": index}
