@@ -216,8 +216,9 @@ def test_nodules_are_faint_ground_glass_in_free_lung_and_leave_vessels_alone():
 
 def test_nodules_join_opacity_chunks_only_and_change_nothing_else():
     spec = SMALL_OPACITY
-    base = D.DataConfig(stage="opacity", seed=4, crops_per_source=2,
-                        synth_kwargs={"shape": spec.synth_shape}, real_fraction=0.0)
+    base = D.DataConfig(stage="opacity", seed=4, crops_per_source=8, real_fraction=0.0,
+                        synth_kwargs={"shape": spec.synth_shape},
+                        augment=replace(D.AugmentConfig(), centre_jitter=0.0))
     plain = D.make_chunk(base, 2, synthesize=toy_phantom)
     with_nodules = D.make_chunk(replace(base, nodule_fraction=1.0), 2, synthesize=toy_phantom)
     a, b = plain["source"], with_nodules["source"]
@@ -225,6 +226,10 @@ def test_nodules_join_opacity_chunks_only_and_change_nothing_else():
     added = (b.label > 0) & (a.label == 0)
     assert added.any() and (b.label[a.label > 0] == a.label[a.label > 0]).all()
     assert not (a.hu != b.hu)[~added].any()
+    # some crops aim at the nodules (a few hundred voxels among the lesions)
+    aimed = [tuple(np.rint(p["centre"]).astype(int)) for p in with_nodules["params"]]
+    assert any(added[c] for c in aimed) and not any(added[tuple(np.rint(p["centre"]).astype(int))]
+                                                    for p in plain["params"])
     lobes = D.DataConfig(stage="lobes", seed=4, synth_kwargs={"shape": (24, 24, 24)})
     assert not D.make_chunk(replace(lobes, nodule_fraction=1.0), 2, synthesize=toy_phantom)[
         "source"].origin.endswith(":nodules")
