@@ -259,13 +259,9 @@ class LesionField:
         else:
             base = np.broadcast_to(baseline, hu.shape)[sl][inside].astype(np.float32)
         # ground glass: hazy margin, patchy (lobular) density, per-lesion strength, crazy paving
-        ramp = np.clip(lev / f32(0.3), 0.0, 1.0) ** f32(0.8)
+        ramp = _ramp(lev)
         t_core = f32(GGO_FAINT_HU) + f32(GGO_DENSE_HU - GGO_FAINT_HU) * dens
-        patch = f32(0.72) + f32(0.28) * np.tanh(f32(1.6) * tex)
-        t_ggo = (
-            base
-            + (t_core - base) * (f32(GGO_EDGE_SHARE) + f32(1.0 - GGO_EDGE_SHARE) * ramp) * patch
-        )
+        t_ggo = _ground_glass(base, t_core, ramp, tex)
         septa = np.exp(-((ret / f32(0.16)) ** 2)) * crazy
         t_ggo = t_ggo + f32(260.0) * septa * (f32(0.3) + f32(0.7) * ramp)
         c_ramp = np.clip(core / f32(0.08), 0.0, 1.0)
@@ -275,14 +271,30 @@ class LesionField:
         block = hu[sl]
         old = block[inside]
         # vessels and walls (denser than the target) stay visible: the shift fades towards HU_TOP
-        fade = np.clip((f32(HU_TOP) - old) / (f32(HU_TOP) - base), 0.0, 1.0)
-        shift = (target - base) * fade
+        shift = _vessel_kept_shift(old, base, target)
         if air is not None:
             shift *= f32(1.0) - np.broadcast_to(air, hu.shape)[sl][inside].astype(np.float32)
         block[inside] = old + np.maximum(shift, f32(0.0))
         lab = np.where(core > 0, np.uint8(2), np.uint8(1))
         labels[sl][inside] = lab
         return labels
+
+
+def _ramp(level):
+    """0 at a lesion's labelled margin, 1 from 0.3 inside it (a hazy edge)."""
+    return np.clip(level / 0.3, 0.0, 1.0) ** 0.8
+
+
+def _ground_glass(base, core, ramp, texture):
+    """Ground-glass HU: GGO_EDGE_SHARE of the core density at the margin, patchy (lobular)."""
+    patch = 0.72 + 0.28 * np.tanh(1.6 * texture)
+    return base + (core - base) * (GGO_EDGE_SHARE + (1.0 - GGO_EDGE_SHARE) * ramp) * patch
+
+
+def _vessel_kept_shift(old, base, target):
+    """The HU to add: vessels and walls (denser than the target) stay visible, as the shift
+    fades towards HU_TOP."""
+    return (target - base) * np.clip((HU_TOP - old) / (HU_TOP - base), 0.0, 1.0)
 
 
 def _interp_weights(c: np.ndarray, lo: float, step: float, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -654,12 +666,8 @@ def add_nodules(rng: np.random.Generator, hu: np.ndarray, label: np.ndarray, lun
         aerated = block[lung[box] & (block < -600)]
         base = float(np.median(aerated)) if aerated.size else PARENCHYMA_HU
         core = rng.uniform(GGO_FAINT_HU, GGO_DENSE_HU)
-        ramp = np.clip(level / 0.3, 0.0, 1.0) ** 0.8
-        patch = 0.72 + 0.28 * np.tanh(1.6 * texture)
-        target = base + (core - base) * (GGO_EDGE_SHARE + (1.0 - GGO_EDGE_SHARE) * ramp) * patch
-        # vessels and walls denser than the target stay visible (as in LesionField.apply)
-        fade = np.clip((HU_TOP - block) / (HU_TOP - base), 0.0, 1.0)
-        shifted = block + np.maximum((target - base) * fade, 0.0)
+        target = _ground_glass(base, core, _ramp(level), texture)
+        shifted = block + np.maximum(_vessel_kept_shift(block, base, target), 0.0)
         block = np.where(inside, shifted, block)
         hu[box] = np.rint(block).astype(hu.dtype)
         label[box][inside] = 1
